@@ -1,0 +1,141 @@
+"""Command line: `tdm distill | sample | eval | presets`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _distill(args) -> int:
+    import yaml
+
+    from .config import PRESETS, dump, resolve
+
+    cfg = resolve(args.preset, args.overrides)
+    run_dir = Path(args.output or Path("runs") / args.preset)
+    if args.dry_run:
+        print(dump(cfg), end="")
+        return 0
+    old = run_dir / "config.yaml"
+    if old.exists():
+        prev, now = yaml.safe_load(old.read_text()), cfg.to_dict()
+        for d in (prev, now):  # these may change between a run and its resumption
+            d["train"].pop("iterations"), d["train"].pop("progress")
+        if prev != now:
+            raise SystemExit(f"{run_dir} holds a run with a different config; pass another --output "
+                             f"(or delete it) to start afresh. Presets: {', '.join(PRESETS)}")
+    from .evaluate import evaluate
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir)
+    trainer.train()
+    if trainer.accelerator.is_main_process and not args.no_eval:
+        _print_metrics(evaluate(run_dir))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _print_metrics(m: dict) -> None:
+    keys = [k for k in m["reference"]]
+    print(f"{'':24}{'NFE':>5}" + "".join(f"{k:>18}" for k in keys))
+    rows = [("true samples (floor)", "-", m["reference"])]
+    rows += [(f"student {k}", v["nfe"], v) for k, v in m["student"].items()]
+    rows += [(f"teacher {s} {k}", v["nfe"], v) for s, d in m["teacher"].items() for k, v in d.items()]
+    for name, nfe, v in rows:
+        print(f"{name:24}{nfe!s:>5}" + "".join(f"{v.get(k, float('nan')):>18.4f}" for k in keys))
+
+
+def _sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from .evaluate import draw, load_run, student_sample, teacher_sample
+    from .plots import scatter_panels
+
+    run = load_run(args.run_dir)
+    g = torch.Generator().manual_seed(args.seed)
+    labels = torch.tensor([int(v) for v in args.labels.split(",")]).repeat_interleave(args.n) if args.labels else None
+    n = len(labels) if labels is not None else args.n
+    x_T, cond, uncond = draw(run, n, g, labels)
+    if args.teacher:
+        x, name = teacher_sample(run, args.teacher, args.nfe, x_T, cond, uncond), f"teacher_{args.teacher}_{args.nfe}"
+    else:
+        K = args.steps or max(run.Ks)
+        x, name = student_sample(run, K, x_T, cond), f"student_K{K}"
+    out = Path(args.out or Path(args.run_dir) / f"samples_{name}.npy")
+    np.save(out, x.float().numpy())
+    scatter_panels({name: x}, cond if run.family.conditional else None, out.with_suffix(".png"))
+    print(f"wrote {n} samples to {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate
+
+    _print_metrics(evaluate(args.run_dir, n=args.n, seed=args.seed))
+    print(f"wrote {Path(args.run_dir) / 'metrics.json'}")
+    return 0
+
+
+def _presets(args) -> int:
+    from .config import PRESETS, dump, resolve
+
+    if args.show:
+        print(dump(resolve(args.show)), end="")
+        return 0
+    for name, overrides in PRESETS.items():
+        print(f"{name:16} {overrides}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tdm", description="Trajectory Distribution Matching distillation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="distil a teacher into a few-step student")
+    d.add_argument("--preset", required=True, help="named preset (see `tdm presets`)")
+    d.add_argument("--output", help="run directory (default runs/PRESET); an existing run resumes")
+    d.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    d.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. student.steps=2")
+    d.set_defaults(fn=_distill)
+
+    s = sub.add_parser("sample", help="sample a trained student (or its teacher)")
+    s.add_argument("run_dir")
+    s.add_argument("--steps", type=int, help="student steps K (default: the trained K)")
+    s.add_argument("--n", type=int, default=1000, help="samples (per label with --labels)")
+    s.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2")
+    s.add_argument("--teacher", choices=["ddim", "dpmpp_2m"], help="sample the teacher with this sampler")
+    s.add_argument("--nfe", type=int, default=50, help="teacher sampler steps")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="output .npy path (a PNG is written beside it)")
+    s.set_defaults(fn=_sample)
+
+    e = sub.add_parser("eval", help="metrics of a run's student and its teacher")
+    e.add_argument("run_dir")
+    e.add_argument("--n", type=int, help="samples per entry (default train.eval_samples)")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(fn=_eval)
+
+    pr = sub.add_parser("presets", help="list presets")
+    pr.add_argument("--show", metavar="NAME", help="print a preset's resolved config")
+    pr.set_defaults(fn=_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        print(f"tdm {args.command}: error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Typed configuration, named presets and `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class TeacherConfig:
+    family: str = "toy"                    # which adapter loads the teacher
+    mixture: str = "ring8"                 # toy: embedded mixture name or a YAML/JSON file
+    beta_schedule: str = "scaled_linear"   # VP betas of the toy teacher (§1)
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    guidance: float = 1.0                  # CFG scale w distilled into the student (§1); 1 = none
+
+
+@dataclass
+class NetConfig:
+    prediction_type: str = "epsilon"       # parameterisation of student and fake score
+    hidden: int = 256                      # MLP width
+    depth: int = 3                         # residual blocks
+    pretrain_steps: int = 3000             # ordinary diffusion training that initialises student and fake
+    pretrain_batch: int = 1024
+    pretrain_lr: float = 2e-3
+
+
+@dataclass
+class StudentConfig:
+    steps: int = 4                         # K, the student's number of steps (§2)
+    grid: str = "demo"                     # 'demo' (k*N/K - 1), 'trailing' or 'shifted' (§2)
+    grid_N: int = 900                      # N of the demo grid
+    grid_shift: float = 2.0                # shift of the 'shifted' grid
+    unify: list[int] = field(default_factory=list)  # TDM-unify: draw K from this set, K-conditioned (§6)
+    stochastic: bool = False               # re-noise with fresh noise between steps instead of eps_hat
+
+
+@dataclass
+class TDMConfig:
+    interval: str = "separate"             # tau sampling: 'separate', 'shared' or 'randmid' (§4 steps 2-3)
+    importance_weight: str = "tempered"    # 'tempered' (demo) or 'none' (§4 step 4)
+    min_snr_gamma: float = 5.0             # Min-SNR clamp of the fake-score loss weight
+    generator_loss: str = "huber_demo"     # 'huber_demo', 'huber_paper' or 'mse' (§4 step 5)
+    huber_c: typing.Optional[float] = None  # None: the kind's own c
+    tau_min: int = 20                      # tau >= max(tau_min, t_m)
+    tau_margin: int = 10                   # tau <= t_k - tau_margin (separate) or T - tau_margin (shared)
+    randmid_margin: int = 20               # randmid: t_m in [t_{k-1}, t_k - randmid_margin)
+
+
+@dataclass
+class OptimConfig:
+    lr_student: float = 1e-4               # generator lr, 1/5 to 1/10 of the fake's (§4 step 6)
+    lr_fake: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.95])  # demo; paper (0, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0                 # generator grad-norm clip
+    warmup: int = 0                        # linear LR warm-up iterations for both roles
+    ema: float = 0.0                       # EMA decay of the student; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 600
+    batch_size: int = 256
+    seed: int = 0
+    checkpoint_every: int = 200            # also checkpoints at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    mixed_precision: str = "no"            # accelerate's 'no', 'fp16' or 'bf16'
+    eval_samples: int = 4000               # samples per metric in `tdm eval`
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "toy-gmm"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    tdm: TDMConfig = field(default_factory=TDMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        for section, values in d.items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    set_field(cfg, f"{section}.{key}", value)
+            else:
+                set_field(cfg, section, values)
+        return cfg
+
+
+# Named presets: overrides of the defaults above. Why each choice: see README "Presets".
+PRESETS: dict[str, dict] = {
+    "toy-gmm": {
+        "teacher": {"mixture": "ring8"},
+        "tdm": {"importance_weight": "none"},
+    },
+    "toy-gmm-cond": {
+        "teacher": {"mixture": "cond4d", "guidance": 2.0},
+        "tdm": {"importance_weight": "none"},
+    },
+}
+
+
+def _coerce(value, tp, key: str):
+    """Check/convert a YAML-parsed value to a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} expects a list, e.g. {key}=[1,2,4]")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, key) for v in value]
+    if tp is float and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads '3e-4' as a string
+        except (TypeError, ValueError):
+            pass
+    if tp is bool and isinstance(value, bool) or tp in (int, str) and type(value) is tp:
+        return value
+    raise ValueError(f"{key} expects {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def set_field(cfg: Config, key: str, value) -> None:
+    """Set a dotted field such as `student.steps` with type checking."""
+    obj, *path = cfg, *key.split(".")
+    for name in path[:-1]:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
+            raise KeyError(f"unknown config section {name!r} in {key!r}")
+        obj = getattr(obj, name)
+    name = path[-1]
+    fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+    if name not in fields or dataclasses.is_dataclass(getattr(obj, name)):
+        raise KeyError(f"unknown config field {key!r}; `tdm presets --show NAME` lists the fields")
+    hints = typing.get_type_hints(type(obj))
+    setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def resolve(preset: str, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the preset, then `key=value` overrides (values parsed as YAML)."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
+    cfg = Config.from_dict({"preset": preset, **PRESETS[preset]})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        set_field(cfg, key.strip(), yaml.safe_load(raw))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Concise errors for settings that cannot work together."""
+    choices = {
+        "tdm.interval": (cfg.tdm.interval, ("separate", "shared", "randmid")),
+        "tdm.importance_weight": (cfg.tdm.importance_weight, ("tempered", "none")),
+        "tdm.generator_loss": (cfg.tdm.generator_loss, ("huber_demo", "huber_paper", "mse")),
+        "student.grid": (cfg.student.grid, ("demo", "trailing", "shifted")),
+        "net.prediction_type": (cfg.net.prediction_type, ("epsilon", "sample", "v_prediction")),
+        "train.mixed_precision": (cfg.train.mixed_precision, ("no", "fp16", "bf16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {allowed}")
+    if cfg.student.steps < 1 or any(k < 1 for k in cfg.student.unify):
+        raise ValueError("student.steps and every K in student.unify must be >= 1")
+    if cfg.train.iterations < 0 or cfg.train.batch_size < 1:
+        raise ValueError("train.iterations must be >= 0 and train.batch_size >= 1")
+    if cfg.teacher.guidance < 1:
+        raise ValueError("teacher.guidance is the CFG scale w; use w >= 1 (1 = no guidance)")
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,98 @@
+"""Toy family: an exact Gaussian-mixture teacher, MLP student and fake score."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from ..config import Config
+from ..denoiser import Denoiser
+from ..gmm import ExactGMMNet, GaussianMixture
+from ..metrics import energy_distance, mode_stats, sliced_wasserstein
+from ..schedules import VPSchedule
+from .mlp import MLPDenoiserNet, fit_diffusion
+
+
+def load_mixture(name_or_path: str) -> GaussianMixture:
+    """An embedded mixture by name (`ring8`, `cond4d`) or a YAML/JSON file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json"):
+        if not path.exists():
+            raise FileNotFoundError(f"mixture file {path} does not exist")
+        return GaussianMixture.from_file(path)
+    embedded = resources.files("tdm.presets") / f"{name_or_path}.yaml"
+    if not embedded.is_file():
+        raise ValueError(f"unknown mixture {name_or_path!r}: give a .yaml/.json file or one of ring8, cond4d")
+    return GaussianMixture.from_dict(yaml.safe_load(embedded.read_text()), source=name_or_path)
+
+
+class ToyFamily:
+    """Everything the method and trainer need to know about the toy teacher."""
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
+        t = cfg.teacher
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.mixture = load_mixture(t.mixture)
+        self.schedule = VPSchedule.from_betas(t.beta_schedule, t.beta_start, t.beta_end)
+        self.teacher = Denoiser(ExactGMMNet(self.mixture, self.schedule), self.schedule, "sample")
+        self.max_K = max(cfg.student.unify) if cfg.student.unify else 0
+
+    @property
+    def conditional(self) -> bool:
+        return self.mixture.labels is not None
+
+    def sample_shape(self, n: int) -> tuple[int, ...]:
+        return (n, self.mixture.dim)
+
+    def sample_cond(self, n: int, generator: torch.Generator):
+        """Conditions for a batch (class labels) and the matching unconditional ones."""
+        labels = self.mixture.sample_labels(n, generator).to(self.device)
+        return labels, torch.full_like(labels, self.mixture.null_label)
+
+    # -- networks -----------------------------------------------------------------------
+    def new_net(self) -> MLPDenoiserNet:
+        n = self.cfg.net
+        return MLPDenoiserNet(self.mixture.dim, self.mixture.num_classes, n.hidden, n.depth)
+
+    def pretrained_net(self, path: Path | None = None, generator: torch.Generator | None = None) -> MLPDenoiserNet:
+        """The 'pretrained diffusion model' fitted to mixture samples; cached at `path`."""
+        net = self.new_net()
+        if path is not None and path.exists():
+            net.load_state_dict(load_file(str(path)))
+            return net
+        n = self.cfg.net
+        fit_diffusion(net, self.mixture, self.schedule, n.prediction_type, n.pretrain_steps, n.pretrain_batch,
+                      n.pretrain_lr, generator=generator, progress=self.cfg.train.progress)
+        if path is not None:
+            save_file(net.state_dict(), str(path))
+        return net
+
+    def student_and_fake(self, pretrained: MLPDenoiserNet) -> tuple[MLPDenoiserNet, MLPDenoiserNet]:
+        """Two copies of the pretrained network, K-conditioned for TDM-unify (§6)."""
+        nets = copy.deepcopy(pretrained), copy.deepcopy(pretrained)
+        if self.max_K:
+            for net in nets:
+                net.add_k_conditioning(self.max_K)
+        return nets
+
+    def wrap(self, net) -> Denoiser:
+        return Denoiser(net, self.schedule, self.cfg.net.prediction_type)
+
+    # -- evaluation ---------------------------------------------------------------------
+    def quality(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                alpha: float = 1.0, sigma: float = 0.0) -> dict[str, float]:
+        """Distances of samples to fresh draws of the true law (the marginal at (alpha, sigma))."""
+        cond = labels if self.conditional else None
+        ref, _ = self.mixture.sample(x.shape[0], generator, cond, alpha, sigma)
+        x = x.float().cpu()
+        out = {"energy_distance": energy_distance(x, ref),
+               "sliced_w1": sliced_wasserstein(x, ref, generator=generator)}
+        if sigma == 0:
+            out.update(mode_stats(self.mixture, x, cond))
+        return out
