@@ -109,7 +109,7 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, nfes=TEAC
         for nfe in nfes:
             x = teacher_sample(run, name, nfe, x_T, cond, uncond)
             out["teacher"][name][f"nfe={nfe}"] = {**qual(x), "nfe": nfe * (1 if run.cfg.teacher.guidance == 1 else 2)}
-            if name == "ddim" and nfe in (max(run.Ks), max(nfes)):
+            if name == "ddim" and nfe in (max(run.Ks), max(nfes)):  # plot the teacher at the student's NFE and its best
                 samples[f"teacher DDIM {nfe} steps"] = x
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
     scatter_panels(samples, cond if fam.conditional else None, run_dir / "samples.png")

@@ -16,14 +16,25 @@ import torch
 import yaml
 
 
+def _numbers(x):
+    """Nested lists with numbers written as strings made numbers (YAML 1.1 reads '5e-2' as a string)."""
+    if isinstance(x, (list, tuple)):
+        return [_numbers(v) for v in x]
+    return float(x) if isinstance(x, str) else x
+
+
 class GaussianMixture:
     """Diagonal Gaussian mixture, optionally with one class label per component."""
 
     def __init__(self, weights, means, stds, labels=None):
-        means = torch.as_tensor(means, dtype=torch.float64)
+        try:
+            means = torch.as_tensor(_numbers(means), dtype=torch.float64)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"means must be a list of J points of equal dimension ({err})") from None
         if means.ndim != 2:
             raise ValueError(f"means must be a list of J points of equal dimension, got shape {tuple(means.shape)}")
         J, d = means.shape
+        weights, stds = _numbers(weights), _numbers(stds)
         weights = torch.as_tensor(weights, dtype=torch.float64)
         if weights.shape != (J,) or torch.any(weights <= 0):
             raise ValueError(f"weights must be {J} positive numbers, one per component")

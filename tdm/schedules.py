@@ -189,6 +189,8 @@ def timestep_grid(K: int, spec: GridSpec = GridSpec(), T: int = 1000, discrete: 
             raise ValueError(f"demo grid needs 0 < N <= T, got N={spec.N}")
         t = k * spec.N / K - 1
     elif spec.kind == "trailing":
+        if discrete and K > (2 * T) // 3:
+            raise ValueError(f"a trailing grid on {T} integer timesteps has at most {(2 * T) // 3} steps, got K={K}")
         t = torch.round(k * T / K) - 1
     elif spec.kind == "shifted":
         u = k / K

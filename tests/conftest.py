@@ -1,7 +1,12 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ def test_dpmpp_second_order_beats_ddim():
 
 def test_dpmpp_first_step_is_ddim():
     """With no history DPM-Solver++ is first order, which is exactly the DDIM step: 2-step grids agree."""
-    den = TinyEps()
+    den = tiny_eps()
     grid = torch.tensor([900.0, 400.0, 0.0], dtype=torch.float64)
     x = _noise(16, seed=2)
     torch.testing.assert_close(sample_dpmpp_2m(den, x, grid), sample_ddim(den, x, grid), atol=1e-5, rtol=1e-5)
@@ -95,13 +95,13 @@ class _Lin(nn.Module):
         return self.lin(torch.cat([x, t.float()[:, None] / 1000], 1))
 
 
-def TinyEps():
+def tiny_eps():
     return Denoiser(_Lin(), VP, "epsilon")
 
 
 def test_trajectory():
     """§2: K points x_{t_K..t_1}, x[0] the input noise, x_{k-1} = alpha x0_hat + sigma eps_hat, output x0_hat."""
-    den = TinyEps()
+    den = tiny_eps()
     grid = timestep_grid(4)
     x_T = _noise(8, seed=3)
     out, traj = sample_ddim(den, x_T, grid, return_trajectory=True)
@@ -121,7 +121,7 @@ def test_trajectory():
 
 def test_stochastic_reproducible():
     """§2 LCM-style variant: fixed generator -> same samples; differs from the deterministic sampler."""
-    den = TinyEps()
+    den = tiny_eps()
     grid = timestep_grid(4)
     x_T = _noise(8, seed=4)
     a = sample_ddim(den, x_T, grid, stochastic=True, generator=torch.Generator().manual_seed(5))

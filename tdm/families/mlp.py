@@ -72,7 +72,7 @@ def fit_diffusion(net: MLPDenoiserNet, mixture: GaussianMixture, schedule: Sched
     unconditional score that CFG needs. Returns the loss of every step.
     """
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     losses = []
     for _ in tqdm(range(steps), desc="pretrain MLP teacher", disable=not progress, leave=False):
         labels = mixture.sample_labels(batch_size, generator)

@@ -1,0 +1,60 @@
+"""`tdm distill | eval | sample | presets` as a user runs them."""
+
+import json
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from tdm.cli import main
+
+TINY = ["train.progress=false", "net.hidden=32", "net.depth=1", "net.pretrain_steps=20", "net.pretrain_batch=128",
+        "train.batch_size=32", "train.iterations=3", "train.eval_samples=200"]
+
+
+def _image(path):
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a real picture
+    return img
+
+
+def test_distill_eval_sample(tmp_path, one_thread, capsys):
+    run = tmp_path / "run"
+    assert main(["distill", "--preset", "toy-gmm", "--output", str(run), *TINY]) == 0
+    for name in ("config.yaml", "student.safetensors", "metrics.json", "train_log.jsonl", "samples.png"):
+        assert (run / name).exists(), name
+    _image(run / "samples.png")
+    m = json.loads((run / "metrics.json").read_text())
+    keys = set(m["student"]["K=4"]) - {"nfe", "trajectory"}
+    for sampler in ("ddim", "dpmpp_2m"):
+        assert [e["nfe"] for e in m["teacher"][sampler].values()] == [1, 2, 4, 8, 50]
+        assert all(set(e) - {"nfe"} == keys for e in m["teacher"][sampler].values())  # same keys, comparable
+
+    assert main(["eval", str(run), "--n", "100"]) == 0
+    assert "teacher ddim nfe=4" in capsys.readouterr().out
+    assert main(["sample", str(run), "--steps", "2", "--n", "50", "--out", str(tmp_path / "s.npy")]) == 0
+    assert np.load(tmp_path / "s.npy").shape == (50, 2)
+    _image(tmp_path / "s.png")
+    assert main(["sample", str(run), "--teacher", "dpmpp_2m", "--nfe", "3", "--n", "20"]) == 0
+    assert np.load(run / "samples_teacher_dpmpp_2m_3.npy").shape == (20, 2)
+
+    # the same command with another config refuses to mix two runs in one directory
+    with pytest.raises(SystemExit, match="different config"):
+        main(["distill", "--preset", "toy-gmm", "--output", str(run), *TINY, "student.steps=2"])
+
+
+def test_presets_and_errors(capsys):
+    assert main(["presets"]) == 0
+    assert "toy-gmm-cond" in capsys.readouterr().out
+    assert main(["distill", "--preset", "toy-gmm", "--dry-run", "student.steps=2"]) == 0
+    assert "steps: 2" in capsys.readouterr().out
+    assert main(["distill", "--preset", "nope", "--dry-run"]) == 2
+    assert main(["distill", "--preset", "toy-gmm", "--dry-run", "student.stepz=2"]) == 2
+    assert "unknown config field" in capsys.readouterr().err
+
+
+def test_conditional_sample_with_labels(tmp_path, one_thread):
+    run = tmp_path / "c"
+    assert main(["distill", "--preset", "toy-gmm-cond", "--output", str(run), "--no-eval", *TINY]) == 0
+    assert main(["sample", str(run), "--labels", "0,2", "--n", "10", "--out", str(tmp_path / "c.npy")]) == 0
+    assert np.load(tmp_path / "c.npy").shape == (20, 4)
