@@ -55,7 +55,6 @@ def _sample(args) -> int:
     import torch
 
     from .evaluate import draw, load_run, student_sample, teacher_sample
-    from .plots import scatter_panels
 
     run = load_run(args.run_dir)
     g = torch.Generator().manual_seed(args.seed)
@@ -69,7 +68,7 @@ def _sample(args) -> int:
         x, name = student_sample(run, K, x_T, cond), f"student_K{K}"
     out = Path(args.out or Path(args.run_dir) / f"samples_{name}.npy")
     np.save(out, x.float().numpy())
-    scatter_panels({name: x}, cond if run.family.conditional else None, out.with_suffix(".png"))
+    run.family.save_samples(x, cond, out.with_suffix(".png"))
     print(f"wrote {n} samples to {out} and {out.with_suffix('.png')}")
     return 0
 

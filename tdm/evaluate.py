@@ -13,12 +13,10 @@ from safetensors.torch import load_file
 from .config import Config, validate
 from .denoiser import Denoiser
 from .families import build_family
-from .plots import scatter_panels
 from .samplers import sample_ddim, sample_dpmpp_2m, sample_student
 from .schedules import GridSpec, teacher_grid, timestep_grid
 
 TEACHER_SAMPLERS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
-TEACHER_NFES = (1, 2, 4, 8, 50)
 
 
 @dataclass
@@ -78,39 +76,40 @@ def _rounded(d: dict) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
 
 
-def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, nfes=TEACHER_NFES) -> dict:
-    """Student at its trained K (every K for unify) and the teacher's samplers at `nfes`, same metrics.
+def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, steps=None) -> dict:
+    """Student at its trained K (and the family's display Ks) and the teacher's samplers at `steps`.
 
-    Every entry uses the same start noise and labels; `reference` is a second draw of true samples,
-    the floor each distance can reach at this sample count. Writes `metrics.json` and `samples.png`.
+    Every entry uses the same start noise and conditions; `reference` holds real samples, the floor
+    each distance can reach at this sample count. Teacher `nfe` counts both CFG passes. Writes
+    `metrics.json` and the family's figures into the run directory.
     """
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     fam, n = run.family, n or run.cfg.train.eval_samples
+    steps = fam.teacher_steps if steps is None else steps
     g = torch.Generator().manual_seed(seed)
-    x_T, cond, uncond = draw(run, n, g)
-    qual = lambda x, **kw: _rounded(fam.quality(x, cond, torch.Generator().manual_seed(seed + 1), **kw))  # noqa: E731
-    true, _ = fam.mixture.sample(n, torch.Generator().manual_seed(seed + 2), cond if fam.conditional else None)
-    out = {"n_samples": n, "guidance": run.cfg.teacher.guidance, "reference": qual(true), "student": {},
+    x_T = torch.randn(fam.sample_shape(n), generator=g)
+    cond, uncond = fam.eval_cond(n, g)
+    qual = lambda x: _rounded(fam.quality(x, cond, torch.Generator().manual_seed(seed + 1)))  # noqa: E731
+    true, floor = fam.reference(n, cond, torch.Generator().manual_seed(seed + 2))
+    cfg_passes = 1 if run.cfg.teacher.guidance == 1 else 2
+    out = {"n_samples": n, "guidance": run.cfg.teacher.guidance, "reference": _rounded(floor), "student": {},
            "teacher": {name: {} for name in TEACHER_SAMPLERS}}
-    samples = {"true": true}
-    for K in run.Ks:
+    samples = {"student": {}, "teacher": {}, "true": true}
+    for K in sorted(set(run.Ks) | set(fam.student_eval_Ks)):
         x0, traj = student_sample(run, K, x_T, cond, return_trajectory=True)
-        entry = qual(x0)
-        entry["nfe"] = K
-        # distance of every trajectory point x_{t_k} to the true marginal at t_k (§3)
-        entry["trajectory"] = [
-            {"t": int(t), **qual(x, alpha=fam.schedule.alpha(t).item(), sigma=fam.schedule.sigma(t).item())}
-            for t, x in zip(traj.t, traj.x)
-        ]
+        entry = {**qual(x0), "nfe": K, "trained": K in run.Ks}
+        trajectory = fam.trajectory_quality(traj, cond, torch.Generator().manual_seed(seed + 3))
+        if trajectory is not None:
+            entry["trajectory"] = [_rounded(p) for p in trajectory]
         out["student"][f"K={K}"] = entry
-        samples[f"student K={K}"] = x0
+        samples["student"][K] = x0
     for name in TEACHER_SAMPLERS:
-        for nfe in nfes:
-            x = teacher_sample(run, name, nfe, x_T, cond, uncond)
-            out["teacher"][name][f"nfe={nfe}"] = {**qual(x), "nfe": nfe * (1 if run.cfg.teacher.guidance == 1 else 2)}
-            if name == "ddim" and nfe in (max(run.Ks), max(nfes)):  # plot the teacher at the student's NFE and its best
-                samples[f"teacher DDIM {nfe} steps"] = x
+        for n_steps in steps:
+            x = teacher_sample(run, name, n_steps, x_T, cond, uncond)
+            out["teacher"][name][f"steps={n_steps}"] = {**qual(x), "nfe": n_steps * cfg_passes}
+            if name == "ddim":
+                samples["teacher"][n_steps] = x
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
-    scatter_panels(samples, cond if fam.conditional else None, run_dir / "samples.png")
+    fam.figures(run_dir, samples, cond, out)
     return out

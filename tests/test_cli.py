@@ -25,13 +25,13 @@ def test_distill_eval_sample(tmp_path, one_thread, capsys):
         assert (run / name).exists(), name
     _image(run / "samples.png")
     m = json.loads((run / "metrics.json").read_text())
-    keys = set(m["student"]["K=4"]) - {"nfe", "trajectory"}
+    keys = set(m["student"]["K=4"]) - {"nfe", "trained", "trajectory"}
     for sampler in ("ddim", "dpmpp_2m"):
         assert [e["nfe"] for e in m["teacher"][sampler].values()] == [1, 2, 4, 8, 50]
         assert all(set(e) - {"nfe"} == keys for e in m["teacher"][sampler].values())  # same keys, comparable
 
     assert main(["eval", str(run), "--n", "100"]) == 0
-    assert "teacher ddim nfe=4" in capsys.readouterr().out
+    assert "teacher ddim steps=4" in capsys.readouterr().out
     assert main(["sample", str(run), "--steps", "2", "--n", "50", "--out", str(tmp_path / "s.npy")]) == 0
     assert np.load(tmp_path / "s.npy").shape == (50, 2)
     _image(tmp_path / "s.png")

@@ -60,8 +60,8 @@ def test_student_beats_teacher_ddim_at_equal_nfe(tmp_path, one_thread):
     cfg = resolve("toy-gmm", ["train.progress=false", "net.pretrain_steps=2000",
                               "train.iterations=400", "train.eval_samples=3000"])
     Trainer(cfg, run).train()
-    m = evaluate(run, nfes=(4,))
-    student, ddim4 = m["student"]["K=4"]["energy_distance"], m["teacher"]["ddim"]["nfe=4"]["energy_distance"]
+    m = evaluate(run, steps=(4,))
+    student, ddim4 = m["student"]["K=4"]["energy_distance"], m["teacher"]["ddim"]["steps=4"]["energy_distance"]
     assert student <= 0.5 * ddim4, (student, ddim4)
     assert m["student"]["K=4"]["mode_coverage"] == 1.0
     # the trajectory points get closer to the true marginals as t falls (§3)
@@ -74,6 +74,6 @@ def test_conditional_teacher_with_cfg(tmp_path, one_thread):
     """Class-conditional teacher, CFG 2: runs, and reports class accuracy of the samples."""
     trainer, hist = _train(tmp_path, "c", "toy-gmm-cond", ["train.iterations=4"])
     assert all(m["forwards"] <= 8 for m in hist)
-    m = evaluate(tmp_path / "c", n=300, nfes=(2,))
+    m = evaluate(tmp_path / "c", n=300, steps=(2,))
     assert 0.0 <= m["student"]["K=4"]["class_accuracy"] <= 1.0
-    assert m["teacher"]["ddim"]["nfe=2"]["nfe"] == 4  # both CFG passes counted
+    assert m["teacher"]["ddim"]["steps=2"]["nfe"] == 4  # both CFG passes counted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import Config
 
-FAMILIES = ("toy",)
+FAMILIES = ("toy", "digits")
 
 
 def build_family(cfg: Config, device="cpu"):
@@ -12,4 +12,8 @@ def build_family(cfg: Config, device="cpu"):
         from .toy import ToyFamily
 
         return ToyFamily(cfg, device)
+    if cfg.teacher.family == "digits":
+        from .digits import DigitsFamily
+
+        return DigitsFamily(cfg, device)
     raise ValueError(f"unknown teacher family {cfg.teacher.family!r}; available: {', '.join(FAMILIES)}")

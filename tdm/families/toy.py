@@ -15,6 +15,7 @@ from ..denoiser import Denoiser
 from ..gmm import ExactGMMNet, GaussianMixture
 from ..metrics import energy_distance, mode_stats, sliced_wasserstein
 from ..schedules import VPSchedule
+from ..plots import scatter_panels
 from .mlp import MLPDenoiserNet, fit_diffusion
 
 
@@ -33,6 +34,9 @@ def load_mixture(name_or_path: str) -> GaussianMixture:
 
 class ToyFamily:
     """Everything the method and trainer need to know about the toy teacher."""
+
+    teacher_steps = (1, 2, 4, 8, 50)   # teacher sampler steps that `tdm eval` measures
+    student_eval_Ks = ()               # only the trained K
 
     def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
         t = cfg.teacher
@@ -85,6 +89,9 @@ class ToyFamily:
         return Denoiser(net, self.schedule, self.cfg.net.prediction_type)
 
     # -- evaluation ---------------------------------------------------------------------
+    def eval_cond(self, n: int, generator: torch.Generator):
+        return self.sample_cond(n, generator)
+
     def quality(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
                 alpha: float = 1.0, sigma: float = 0.0) -> dict[str, float]:
         """Distances of samples to fresh draws of the true law (the marginal at (alpha, sigma))."""
@@ -96,3 +103,24 @@ class ToyFamily:
         if sigma == 0:
             out.update(mode_stats(self.mixture, x, cond))
         return out
+
+    def reference(self, n: int, labels: torch.Tensor, generator: torch.Generator):
+        """A second draw of true samples, and its metrics: the floor at `n` samples."""
+        true, _ = self.mixture.sample(n, generator, labels if self.conditional else None)
+        return true, self.quality(true, labels, generator)
+
+    def trajectory_quality(self, traj, labels: torch.Tensor, generator: torch.Generator) -> list[dict]:
+        """Distance of every student point x_{t_k} to the true marginal at t_k (§3)."""
+        return [{"t": int(t), **self.quality(x, labels, generator, self.schedule.alpha(t).item(),
+                                             self.schedule.sigma(t).item())} for t, x in zip(traj.t, traj.x)]
+
+    def figures(self, run_dir: Path, samples: dict, labels: torch.Tensor, metrics: dict) -> None:
+        """`samples.png`: true law, students, and the teacher's DDIM at the student's K and at its most steps."""
+        K = max(samples["student"])
+        panels = {"true": samples["true"], **{f"student K={k}": x for k, x in samples["student"].items()}}
+        for n_steps in sorted({K, max(samples["teacher"])} & set(samples["teacher"])):
+            panels[f"teacher DDIM {n_steps} steps"] = samples["teacher"][n_steps]
+        scatter_panels(panels, labels if self.conditional else None, Path(run_dir) / "samples.png")
+
+    def save_samples(self, x: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
+        scatter_panels({path.stem: x}, labels if self.conditional else None, path)

@@ -1,0 +1,100 @@
+"""Digits family: the committed pixel-space UNet teacher on scikit-learn's 8x8 handwritten digits."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..denoiser import Denoiser
+from ..images.classifier import load_classifier
+from ..images.digits import load_digits_split
+from ..images.metrics import DigitEvaluator
+from ..images.report import image_grid, quality_plot, write_report
+from ..images.teacher import NUM_CLASSES, LabelUNet, load_teacher
+
+
+def teacher_dir(path: str) -> Path:
+    """`digits` names the committed teacher; anything else is a folder written by `tdm teacher train`."""
+    if path in ("", "digits"):
+        return Path(str(resources.files("tdm") / "assets" / "digits" / "teacher"))
+    return Path(path)
+
+
+class DigitsFamily:
+    """Class-conditional 8x8 images; the distillation loop sees labels only, never images."""
+
+    conditional = True
+    teacher_steps = (1, 2, 4, 8, 25, 50)   # teacher sampler steps that `tdm eval` measures
+    student_eval_Ks = (1, 2, 4)            # the student is shown at these K whatever it was trained for
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
+        if cfg.student.unify:
+            raise ValueError("the digits family has no step-count embedding; TDM-unify needs the toy family for now")
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.teacher_net, self.schedule, self.teacher_info = load_teacher(teacher_dir(cfg.teacher.path))
+        self.teacher_net.requires_grad_(False).eval().to(self.device)
+        self.teacher = Denoiser(self.teacher_net, self.schedule, "epsilon")
+        self._evaluator = None
+
+    @property
+    def evaluator(self) -> DigitEvaluator:
+        if self._evaluator is None:  # the classifier and the real digits are needed for evaluation only
+            self._evaluator = DigitEvaluator(load_classifier(), load_digits_split())
+        return self._evaluator
+
+    def sample_shape(self, n: int) -> tuple[int, ...]:
+        return (n, 1, 8, 8)
+
+    def sample_cond(self, n: int, generator: torch.Generator):
+        labels = torch.randint(0, NUM_CLASSES, (n,), generator=generator).to(self.device)
+        return labels, torch.full_like(labels, NUM_CLASSES)
+
+    def eval_cond(self, n: int, generator: torch.Generator):
+        """The held-out set's labels (cycled to `n`), so FD compares like with like."""
+        test_y = self.evaluator.split.test_y
+        labels = test_y[torch.arange(n) % len(test_y)].to(self.device)
+        return labels, torch.full_like(labels, NUM_CLASSES)
+
+    # -- networks -----------------------------------------------------------------------
+    def new_net(self) -> LabelUNet:
+        return copy.deepcopy(self.teacher_net).requires_grad_(True).train()
+
+    def pretrained_net(self, path: Path | None = None, generator: torch.Generator | None = None) -> LabelUNet:
+        """Student and fake score start from the teacher itself (§2)."""
+        return self.new_net()
+
+    def student_and_fake(self, pretrained: LabelUNet) -> tuple[LabelUNet, LabelUNet]:
+        return copy.deepcopy(pretrained), copy.deepcopy(pretrained)
+
+    def wrap(self, net) -> Denoiser:
+        return Denoiser(net, self.schedule, "epsilon")
+
+    # -- evaluation ---------------------------------------------------------------------
+    def quality(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        return self.evaluator.evaluate(x.float().cpu(), labels.cpu())
+
+    def reference(self, n: int, cond: torch.Tensor, generator: torch.Generator):
+        """Real training digits with the held-out class shares, and their metrics: the floor at `n`."""
+        return None, self.evaluator.floor(n, generator)
+
+    def trajectory_quality(self, traj, labels: torch.Tensor, generator: torch.Generator) -> None:
+        """The classifier only knows clean digits, so trajectory points are not scored for images."""
+        return None
+
+    def figures(self, run_dir: Path, samples: dict, labels: torch.Tensor, metrics: dict) -> None:
+        """`grid.png` (teacher at its most steps with CFG beside the student at each K), `quality.png`, `report.md`."""
+        run_dir = Path(run_dir)
+        n_steps = max(samples["teacher"])
+        rows = {f"teacher {n_steps} steps, CFG {self.cfg.teacher.guidance:g}": samples["teacher"][n_steps]}
+        rows.update({f"student {K} step{'s' * (K > 1)}": x for K, x in samples["student"].items()})
+        image_grid(rows, labels, run_dir / "grid.png")
+        quality_plot(metrics, run_dir / "quality.png")
+        write_report(metrics, run_dir / "report.md", self.cfg.student.steps)
+
+    def save_samples(self, x: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
+        image_grid({"samples": x}, labels, path, columns=min(len(x), 40))
