@@ -76,7 +76,8 @@ class DigitsFamily:
 
     # -- evaluation ---------------------------------------------------------------------
     def quality(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-        return self.evaluator.evaluate(x.float().cpu(), labels.cpu())
+        """Samples are clamped to the pixel range [-1, 1], as saving them as images would."""
+        return self.evaluator.evaluate(x.float().cpu().clamp(-1, 1), labels.cpu())
 
     def reference(self, n: int, cond: torch.Tensor, generator: torch.Generator):
         """Real training digits with the held-out class shares, and their metrics: the floor at `n`."""
@@ -98,3 +99,21 @@ class DigitsFamily:
 
     def save_samples(self, x: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
         image_grid({"samples": x}, labels, path, columns=min(len(x), 40))
+
+
+def teacher_check(path: str | Path, n_steps: int = 25, w: float = 2.0, seed: int = 0) -> dict:
+    """FD and accuracy of a teacher's DDIM at `n_steps` with CFG `w` on the held-out labels.
+
+    `tdm teacher train` records it in teacher.json, so a test can show the committed files reproduce it.
+    """
+    from ..samplers import sample_ddim
+    from ..schedules import teacher_grid
+
+    net, schedule, _ = load_teacher(path)
+    teacher = Denoiser(net.eval(), schedule, "epsilon")
+    evaluator = DigitEvaluator(load_classifier(), load_digits_split())
+    labels = evaluator.split.test_y
+    x_T = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    x = sample_ddim(teacher, x_T, teacher_grid(n_steps, schedule), labels, torch.full_like(labels, NUM_CLASSES), w)
+    return {"sampler": "ddim", "steps": n_steps, "guidance": w, "seed": seed,
+            **evaluator.evaluate(x.clamp(-1, 1), labels)}

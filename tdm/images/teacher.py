@@ -26,7 +26,7 @@ UNET_CONFIG = dict(
 )
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                         prediction_type="epsilon")
-RECIPE = dict(steps=6000, batch_size=128, lr=1e-3, ema=0.999, p_uncond=0.1, seed=0)
+RECIPE = dict(steps=4000, batch_size=128, lr=1e-3, ema=0.999, p_uncond=0.1, seed=0)
 
 
 class LabelUNet(nn.Module):
