@@ -14,7 +14,7 @@ $(BIN)/tdm: pyproject.toml constraints.txt
 
 .PHONY: demo test bench
 demo: $(BIN)/tdm
-	$(BIN)/tdm distill --preset toy-gmm --output runs/toy-gmm
+	$(BIN)/tdm distill --preset digits --output runs/digits
 
 test: $(BIN)/tdm
 	$(BIN)/python -m pytest -q

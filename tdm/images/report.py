@@ -18,7 +18,7 @@ def image_grid(rows: dict[str, torch.Tensor], labels: torch.Tensor, path: str | 
     fig, axes = plt.subplots(len(rows), 1, figsize=(columns * 0.42 + 1.6, len(rows) * 0.62 + 0.3), squeeze=False)
     for ax, (name, x) in zip(axes[:, 0], rows.items()):
         x = to_pixels(x[:columns].float().cpu())[:, 0]                       # (n, 8, 8)
-        strip = torch.cat([torch.nn.functional.pad(img, (1, 1, 1, 1), value=1.0) for img in x], dim=1)
+        strip = torch.cat([torch.nn.functional.pad(img, (1, 1, 1, 1), value=0.0) for img in x], dim=1)
         ax.imshow(strip.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xticks([10 * i + 5 for i in range(len(x))], [str(int(v)) for v in labels[: len(x)]], fontsize=6)
         ax.set_yticks([])
