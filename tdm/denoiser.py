@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .schedules import Schedule
+from .schedules import PREDICTION_TYPES, Schedule
 
 Cond = Any  # a tensor or a (nested) dict of tensors with the batch on dim 0
 
@@ -48,7 +48,8 @@ class Denoiser(nn.Module):
         self.learned_sigma = learned_sigma      # PixArt: output has extra variance channels
         self.calls = 0
         self.rows = 0
-        schedule.to_x0_eps(torch.zeros(1), torch.zeros(1), torch.zeros(1), prediction_type)  # validates
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, **extra):
         t = torch.as_tensor(t, device=x_t.device)

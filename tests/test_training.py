@@ -77,3 +77,18 @@ def test_conditional_teacher_with_cfg(tmp_path, one_thread):
     m = evaluate(tmp_path / "c", n=300, steps=(2,))
     assert 0.0 <= m["student"]["K=4"]["class_accuracy"] <= 1.0
     assert m["teacher"]["ddim"]["steps=2"]["nfe"] == 4  # both CFG passes counted
+
+
+def test_ema_student_is_saved_and_resumed(tmp_path, one_thread):
+    """With optim.ema the saved student is the EMA, which lags the raw weights, and it survives a resume."""
+    from safetensors.torch import load_file
+
+    ema = ["optim.ema=0.9", "train.checkpoint_every=4"]
+    _, full = _train(tmp_path, "full", overrides=["train.iterations=8", *ema])
+    _train(tmp_path, "split", overrides=["train.iterations=4", *ema])
+    trainer, _ = _train(tmp_path, "split", overrides=["train.iterations=8", *ema])
+    saved = load_file(str(tmp_path / "split" / "student.safetensors"))
+    raw = trainer.accelerator.unwrap_model(trainer.student_net).state_dict()
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # the EMA, not the raw student
+    full_saved = load_file(str(tmp_path / "full" / "student.safetensors"))
+    assert all(torch.equal(saved[k], full_saved[k]) for k in saved)  # resumed EMA == uninterrupted EMA

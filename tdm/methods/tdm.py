@@ -76,7 +76,8 @@ class TDM:
         x0_F_target, eps_F_target = torch.empty_like(x_T), torch.empty_like(x_T)
         with torch.no_grad():
             for k in range(K, 0, -1):
-                x_G[(k_G == k).to(device)] = x[(k_G == k).to(device)]
+                at_G = (k_G == k).to(device)
+                x_G[at_G] = x[at_G]
                 rows = (need <= k).nonzero().squeeze(1).to(device)
                 if len(rows) == 0:
                     break
