@@ -17,7 +17,8 @@ def _distill(args) -> int:
 
     from .config import PRESETS, dump, resolve
 
-    cfg = resolve(args.preset, args.overrides)
+    extra = [f"teacher.path={args.teacher}"] * bool(args.teacher) + [f"data.prompts={args.prompts}"] * bool(args.prompts)
+    cfg = resolve(args.preset, extra + args.overrides)
     run_dir = Path(args.output or Path("runs") / args.preset)
     if args.dry_run:
         print(dump(cfg), end="")
@@ -62,8 +63,8 @@ def _sample(args) -> int:
     labels = torch.tensor([int(v) for v in args.labels.split(",")]).repeat_interleave(args.n) if args.labels else None
     n = len(labels) if labels is not None else args.n
     x_T, cond, uncond = draw(run, n, g, labels)
-    if args.teacher:
-        x, name = teacher_sample(run, args.teacher, args.nfe, x_T, cond, uncond), f"teacher_{args.teacher}_{args.nfe}"
+    if args.sampler:
+        x, name = teacher_sample(run, args.sampler, args.nfe, x_T, cond, uncond), f"teacher_{args.sampler}_{args.nfe}"
     else:
         K = args.steps or max(run.Ks)
         x, name = student_sample(run, K, x_T, cond), f"student_K{K}"
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("distill", help="distil a teacher into a few-step student")
     d.add_argument("--preset", required=True, help="named preset (see `tdm presets`)")
+    d.add_argument("--teacher", help="local diffusers folder of the teacher (sets teacher.path)")
+    d.add_argument("--prompts", help="prompt file: text, JSONL or a datasets folder (sets data.prompts)")
     d.add_argument("--output", help="run directory (default runs/PRESET); an existing run resumes")
     d.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     d.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="student steps K (default: the trained K)")
     s.add_argument("--n", type=int, default=1000, help="samples (per label with --labels)")
     s.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2")
-    s.add_argument("--teacher", choices=["ddim", "dpmpp_2m"], help="sample the teacher with this sampler")
+    s.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], help="sample the teacher with this sampler")
     s.add_argument("--nfe", type=int, default=50, help="teacher sampler steps")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="output .npy path (a PNG is written beside it)")

@@ -12,7 +12,8 @@ import yaml
 @dataclass
 class TeacherConfig:
     family: str = "toy"                    # which adapter loads the teacher
-    path: str = ""                         # digits: teacher folder ('digits' = the committed one)
+    path: str = ""                         # teacher folder (diffusers layout; 'digits' = the committed one)
+    resolution: int = 512                  # diffusers teachers: image side in pixels
     mixture: str = "ring8"                 # toy: embedded mixture name or a YAML/JSON file
     beta_schedule: str = "scaled_linear"   # VP betas of the toy teacher (§1)
     beta_start: float = 0.00085
@@ -38,6 +39,20 @@ class StudentConfig:
     grid_shift: float = 2.0                # shift of the 'shifted' grid
     unify: list[int] = field(default_factory=list)  # TDM-unify: draw K from this set, K-conditioned (§6)
     stochastic: bool = False               # re-noise with fresh noise between steps instead of eps_hat
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""                      # text file, JSONL or `datasets` folder (text teachers)
+    max_prompt_chars: int = 1000           # longer prompts are truncated, with a warning
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = True                   # LoRA: one frozen base with 'student' and 'fake' adapters
+    rank: int = 64
+    alpha: float = 64.0
+    targets: list[str] = field(default_factory=list)  # module names; empty = the family's default
 
 
 @dataclass
@@ -82,6 +97,8 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     net: NetConfig = field(default_factory=NetConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     tdm: TDMConfig = field(default_factory=TDMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -118,6 +135,12 @@ PRESETS: dict[str, dict] = {
         "teacher": {"family": "digits", "path": "digits", "guidance": 2.0},
         "optim": {"lr_student": 2e-5, "lr_fake": 2e-4},
         "train": {"iterations": 500, "batch_size": 64, "checkpoint_every": 100, "eval_samples": 450},
+    },
+    # Stable Diffusion 1.5 / 2.x, LoRA (demo hyper-parameters where known, TDM-METHOD §4).
+    "sd15": {
+        "teacher": {"family": "sd15", "guidance": 4.5, "resolution": 512},
+        "optim": {"lr_student": 5e-6, "lr_fake": 5e-5},
+        "train": {"iterations": 500, "batch_size": 8, "checkpoint_every": 100, "eval_samples": 0},
     },
 }
 

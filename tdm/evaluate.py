@@ -43,7 +43,7 @@ def load_run(run_dir: str | Path) -> Run:
     cfg = Config.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     validate(cfg)
     cfg.train.progress = False
-    family = build_family(cfg)
+    family = build_family(cfg, run_dir=run_dir)
     net = family.student_and_fake(family.new_net())[0]
     net.load_state_dict(load_file(str(run_dir / "student.safetensors")))
     return Run(cfg, family, family.wrap(net.eval()))

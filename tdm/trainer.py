@@ -58,13 +58,14 @@ class Trainer:
         set_seed(tr.seed)
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(dump(cfg))
-        self.family = family = build_family(cfg, acc.device)
+        self.family = family = build_family(cfg, acc.device, self.run_dir)
         pretrained = family.pretrained_net(self.run_dir / "pretrained.safetensors",
                                            generator=torch.Generator().manual_seed(tr.seed))
         student_net, fake_net = family.student_and_fake(pretrained)
 
         def optimiser(net, lr):
-            opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+            params = net.trainable_parameters() if hasattr(net, "trainable_parameters") else net.parameters()
+            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
             warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, o.warmup)))
             return opt, warm
 

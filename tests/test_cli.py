@@ -35,7 +35,7 @@ def test_distill_eval_sample(tmp_path, one_thread, capsys):
     assert main(["sample", str(run), "--steps", "2", "--n", "50", "--out", str(tmp_path / "s.npy")]) == 0
     assert np.load(tmp_path / "s.npy").shape == (50, 2)
     _image(tmp_path / "s.png")
-    assert main(["sample", str(run), "--teacher", "dpmpp_2m", "--nfe", "3", "--n", "20"]) == 0
+    assert main(["sample", str(run), "--sampler", "dpmpp_2m", "--nfe", "3", "--n", "20"]) == 0
     assert np.load(run / "samples_teacher_dpmpp_2m_3.npy").shape == (20, 2)
 
     # the same command with another config refuses to mix two runs in one directory

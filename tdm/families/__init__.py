@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ..config import Config
 
-FAMILIES = ("toy", "digits")
+FAMILIES = ("toy", "digits", "sd15")
 
 
-def build_family(cfg: Config, device="cpu"):
+def build_family(cfg: Config, device="cpu", run_dir=None):
+    """The adapter of `cfg.teacher.family`; `run_dir` holds caches (prompt embeddings)."""
     if cfg.teacher.family == "toy":
         from .toy import ToyFamily
 
@@ -16,4 +17,8 @@ def build_family(cfg: Config, device="cpu"):
         from .digits import DigitsFamily
 
         return DigitsFamily(cfg, device)
+    if cfg.teacher.family == "sd15":
+        from .sd15 import SD15Family
+
+        return SD15Family(cfg, device, run_dir)
     raise ValueError(f"unknown teacher family {cfg.teacher.family!r}; available: {', '.join(FAMILIES)}")

@@ -1,0 +1,105 @@
+"""Export a diffusers-teacher run for stock pipelines, and load it back (`tdm export`, `load_pipeline`).
+
+`tdm_inference.json` records what inference needs: the scheduler class and config that reproduce
+the student's own K-step sampler, its exact timesteps, guidance scale 1 (CFG is distilled in) and
+the LoRA scale. The LoRA's `alpha / rank` is baked into its B matrices, so any loader, whatever
+alpha it assumes, gets the trained update at scale 1.0: no scale to guess.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .evaluate import load_run
+from .export_scheduler import build_inference_scheduler, inference_scheduler
+
+FORMATS = ("diffusers", "kohya", "full")
+
+
+def student_lora_state_dict(base: torch.nn.Module, alpha: float, rank: int) -> dict[str, torch.Tensor]:
+    """peft-format weights of the 'student' adapter with `alpha / rank` folded into `lora_B`."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(base, adapter_name="student")
+    return {k: (v * (alpha / rank) if "lora_B" in k else v).detach().float().cpu().contiguous() for k, v in sd.items()}
+
+
+def inference_spec(run) -> dict:
+    fam, K = run.family, run.cfg.student.steps
+    grid = run.grid(K).tolist()
+    train_config = json.loads((fam.path / "scheduler" / "scheduler_config.json").read_text())
+    kind = "flow" if not fam.schedule.discrete else "vp"
+    return {
+        "family": run.cfg.teacher.family,
+        "pipeline_class": fam.pipeline_class,
+        "steps": K,
+        "timesteps": grid[:-1],
+        "guidance_scale": 1.0,
+        "lora_scale": 1.0,
+        "scheduler": inference_scheduler(train_config, grid, kind),
+    }
+
+
+def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path | None = None) -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
+    run = load_run(run_dir)
+    fam, cfg = run.family, run.cfg
+    out = Path(output or Path(run_dir) / f"export_{fmt}")
+    out.mkdir(parents=True, exist_ok=True)
+    spec = inference_spec(run)
+    net = run.student.net
+    if fmt == "full" or not cfg.lora.enabled:
+        import diffusers
+
+        if cfg.lora.enabled:
+            net.base.set_adapter("student")
+            net.base.fuse_lora(adapter_names=["student"])
+            net.base.unload_lora()
+        pipe = diffusers.DiffusionPipeline.from_pretrained(fam.path, local_files_only=True,
+                                                          **{fam.network_folder: net.base})
+        pipe.scheduler = build_inference_scheduler(spec["scheduler"])
+        pipe.save_pretrained(out)
+        spec["lora_scale"] = None
+    else:
+        import diffusers
+
+        sd = student_lora_state_dict(net.base, cfg.lora.alpha, cfg.lora.rank)
+        pipeline_cls = getattr(diffusers, fam.pipeline_class)
+        if fmt == "diffusers":
+            pipeline_cls.save_lora_weights(out, **{f"{fam.network_folder}_lora_layers": sd})
+        else:
+            from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+
+            prefixed = {f"{fam.network_folder}.{k}": v for k, v in sd.items()}
+            save_file(convert_state_dict_to_kohya(convert_state_dict_to_diffusers(prefixed)),
+                      str(out / "pytorch_lora_weights_kohya.safetensors"))
+    (out / "tdm_inference.json").write_text(json.dumps(spec, indent=2))
+    return out
+
+
+def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference: str | Path | None = None,
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A stock diffusers pipeline set up from `tdm_inference.json`; returns `(pipe, call_kwargs)`.
+
+    `lora` is an exported folder or its `pytorch_lora_weights.safetensors`; `inference` defaults to
+    the `tdm_inference.json` beside it. Call `pipe(prompt, **call_kwargs)`.
+    """
+    import diffusers
+
+    lora = Path(lora) if lora else None
+    inference = Path(inference) if inference else (lora if lora and lora.is_dir() else
+                                                   (lora.parent if lora else Path(teacher))) / "tdm_inference.json"
+    spec = json.loads(inference.read_text())
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True, torch_dtype=dtype)
+    pipe.scheduler = build_inference_scheduler(spec["scheduler"])
+    if lora is not None:
+        pipe.load_lora_weights(str(lora), adapter_name="tdm")
+        pipe.set_adapters(["tdm"], adapter_weights=[spec["lora_scale"]])
+    pipe.to(device)
+    kwargs = {"guidance_scale": spec["guidance_scale"], **spec["scheduler"]["set_timesteps_kwargs"]}
+    return pipe, kwargs
