@@ -53,6 +53,10 @@ def _print_metrics(m: dict) -> None:
 
 
 def _sample(args) -> int:
+    if args.teacher:
+        return _sample_pipeline(args)
+    if not args.run_dir:
+        raise ValueError("give a RUN_DIR, or --teacher PATH [--lora FILE] --prompt TEXT")
     import numpy as np
     import torch
 
@@ -72,6 +76,28 @@ def _sample(args) -> int:
     np.save(out, x.float().numpy())
     run.family.save_samples(x, cond, out.with_suffix(".png"))
     print(f"wrote {n} samples to {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.format, args.output)
+    print(f"exported ({args.format}) to {out}; settings in {out / 'tdm_inference.json'}")
+    return 0
+
+
+def _sample_pipeline(args) -> int:
+    """`tdm sample --teacher PATH --lora FILE --prompt ...`: the stock diffusers pipeline, set up by tdm."""
+    import torch
+
+    from .export import load_pipeline
+
+    pipe, kwargs = load_pipeline(args.teacher, lora=args.lora, inference=args.inference)
+    out = Path(args.out or "tdm_sample.png")
+    image = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **kwargs).images[0]
+    image.save(out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -128,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_distill)
 
     s = sub.add_parser("sample", help="sample a trained student (or its teacher)")
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", nargs="?", help="a run directory (toy and digits runs)")
+    s.add_argument("--teacher", help="diffusers teacher folder: sample with the stock pipeline")
+    s.add_argument("--lora", help="exported LoRA folder or pytorch_lora_weights.safetensors")
+    s.add_argument("--inference", help="tdm_inference.json (default: beside --lora)")
+    s.add_argument("--prompt", default="", help="prompt for --teacher sampling")
     s.add_argument("--steps", type=int, help="student steps K (default: the trained K)")
     s.add_argument("--n", type=int, default=1000, help="samples (per label with --labels)")
     s.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2")
@@ -137,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="output .npy path (a PNG is written beside it)")
     s.set_defaults(fn=_sample)
+
+    x = sub.add_parser("export", help="export a diffusers-teacher run for stock pipelines")
+    x.add_argument("run_dir")
+    x.add_argument("--format", choices=["diffusers", "kohya", "full"], default="diffusers")
+    x.add_argument("--output", help="output folder (default RUN_DIR/export_FORMAT)")
+    x.set_defaults(fn=_export)
 
     e = sub.add_parser("eval", help="metrics of a run's student and its teacher")
     e.add_argument("run_dir")

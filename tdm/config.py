@@ -14,6 +14,7 @@ class TeacherConfig:
     family: str = "toy"                    # which adapter loads the teacher
     path: str = ""                         # teacher folder (diffusers layout; 'digits' = the committed one)
     resolution: int = 512                  # diffusers teachers: image side in pixels
+    frames: int = 49                       # video teachers: frames per sample
     mixture: str = "ring8"                 # toy: embedded mixture name or a YAML/JSON file
     beta_schedule: str = "scaled_linear"   # VP betas of the toy teacher (§1)
     beta_start: float = 0.00085
@@ -141,6 +142,38 @@ PRESETS: dict[str, dict] = {
         "teacher": {"family": "sd15", "guidance": 4.5, "resolution": 512},
         "optim": {"lr_student": 5e-6, "lr_fake": 5e-5},
         "train": {"iterations": 500, "batch_size": 8, "checkpoint_every": 100, "eval_samples": 0},
+    },
+    # SDXL, LoRA. CFG and lrs are not given in TDM-METHOD; these follow the PixArt ratios (1/10).
+    "sdxl": {
+        "teacher": {"family": "sdxl", "guidance": 5.0, "resolution": 1024},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"iterations": 1000, "batch_size": 4, "checkpoint_every": 100, "eval_samples": 0},
+    },
+    # PixArt-alpha: the demo's recipe (TDM-METHOD §4): lr 2e-6 / 2e-5, 500 iterations, batch 32, CFG 4.5.
+    "pixart-512": {
+        "teacher": {"family": "pixart", "guidance": 4.5, "resolution": 512},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"iterations": 500, "batch_size": 32, "checkpoint_every": 100, "eval_samples": 0},
+    },
+    "pixart-1024": {
+        "teacher": {"family": "pixart", "guidance": 4.5, "resolution": 1024},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"iterations": 500, "batch_size": 32, "checkpoint_every": 100, "eval_samples": 0},
+    },
+    # SD3 / SD3.5: rectified flow, shifted student grid, no importance weight (authors' flow code, §5).
+    "sd3": {
+        "teacher": {"family": "sd3", "guidance": 7.0, "resolution": 1024},
+        "student": {"grid": "shifted", "grid_shift": 3.0},
+        "tdm": {"importance_weight": "none"},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"iterations": 500, "batch_size": 4, "checkpoint_every": 100, "eval_samples": 0},
+    },
+    # CogVideoX-2B: v-prediction, zero-SNR; the video LoRA's grid [999, 856, 665, 399] (§2) = shifted, s = 2.
+    "cogvideox-2b": {
+        "teacher": {"family": "cogvideox", "guidance": 6.0, "resolution": 480, "frames": 49},
+        "student": {"grid": "shifted", "grid_shift": 2.0},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"iterations": 500, "batch_size": 1, "checkpoint_every": 50, "eval_samples": 0},
     },
 }
 

@@ -73,11 +73,11 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
         if fmt == "diffusers":
             pipeline_cls.save_lora_weights(out, **{f"{fam.network_folder}_lora_layers": sd})
         else:
-            from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+            from diffusers.utils import convert_state_dict_to_kohya
 
             prefixed = {f"{fam.network_folder}.{k}": v for k, v in sd.items()}
-            save_file(convert_state_dict_to_kohya(convert_state_dict_to_diffusers(prefixed)),
-                      str(out / "pytorch_lora_weights_kohya.safetensors"))
+            kohya = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(prefixed).items()}
+            save_file(kohya, str(out / "pytorch_lora_weights_kohya.safetensors"))
     (out / "tdm_inference.json").write_text(json.dumps(spec, indent=2))
     return out
 

@@ -110,6 +110,17 @@ class VPSchedule(Schedule):
         self.log_abar = torch.cumsum(torch.log1p(-betas), 0)
 
     @classmethod
+    def from_alphas_cumprod(cls, abar: torch.Tensor) -> "VPSchedule":
+        """From `abar_t` directly: zero-SNR teachers have no betas in (0, 1) that reproduce it."""
+        abar = torch.as_tensor(abar, dtype=torch.float64)
+        if abar.ndim != 1 or torch.any(abar <= 0) or torch.any(abar > 1):
+            raise ValueError("alphas_cumprod must be a 1-D tensor with values in (0, 1]")
+        schedule = cls.__new__(cls)
+        schedule.T = len(abar)
+        schedule.log_abar = abar.log()
+        return schedule
+
+    @classmethod
     def from_betas(cls, beta_schedule: str = "scaled_linear", beta_start: float = 0.00085,
                    beta_end: float = 0.012, num_train_timesteps: int = 1000) -> "VPSchedule":
         if beta_schedule == "linear":
@@ -122,11 +133,11 @@ class VPSchedule(Schedule):
 
     @classmethod
     def from_config(cls, config: dict) -> "VPSchedule":
-        """Build from a diffusers scheduler config dict (DDPM/DDIM/Euler... scheduler_config.json)."""
-        if config.get("trained_betas") is not None:
-            return cls(torch.as_tensor(config["trained_betas"]))
-        return cls.from_betas(config.get("beta_schedule", "linear"), config.get("beta_start", 0.0001),
-                              config.get("beta_end", 0.02), config.get("num_train_timesteps", 1000))
+        """Build from a diffusers scheduler config dict (scheduler_config.json), with the class's own
+        defaults, CogVideoX's SNR shift and zero-SNR rescaling (terminal abar 2**-24, as diffusers)."""
+        from .scheduler_config import vp_alphas_cumprod
+
+        return cls.from_alphas_cumprod(vp_alphas_cumprod(config))
 
     def _log_abar(self, t) -> torch.Tensor:
         t = self.check_t(t)

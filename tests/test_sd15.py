@@ -45,3 +45,47 @@ def test_resume_matches_uninterrupted(teacher, tmp_path, one_thread):
     _train(tmp_path / "split", _overrides(teacher, "train.iterations=2"))
     _, rest = _train(tmp_path / "split", _overrides(teacher, "train.iterations=4"))
     assert [(m["loss_fake"], m["loss_student"]) for m in full[2:]] == [(m["loss_fake"], m["loss_student"]) for m in rest]
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "full"])
+def test_export_reproduces_student_in_stock_pipeline(teacher, tmp_path, one_thread, fmt):
+    """Export, then a freshly built stock pipeline (load_lora_weights, or the fused folder) configured from
+    tdm_inference.json reproduces the library's own K-step sampler to 1e-4 (fp32)."""
+    from tdm.evaluate import load_run
+    from tdm.export import export_run, load_pipeline
+    from tdm.samplers import sample_student
+
+    run = tmp_path / "r"
+    trainer, _ = _train(run, _overrides(teacher, "train.iterations=2", "optim.lr_student=1e-2"))
+    ours = load_run(run)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(ours.family.sample_shape(2), generator=g)
+    cond, _ = ours.family.sample_cond(2, g)
+    x_ours = sample_student(ours.student, x_T, ours.grid(4), cond)
+    x_teacher = sample_student(ours.family.teacher, x_T, ours.grid(4), cond)
+    assert (x_ours - x_teacher).abs().max() > 1e-3  # the student has moved: the comparison can fail
+
+    out = export_run(run, fmt)
+    if fmt == "diffusers":
+        assert (out / "pytorch_lora_weights.safetensors").exists()
+        pipe, kwargs = load_pipeline(teacher[0], lora=out)
+    else:
+        pipe, kwargs = load_pipeline(out, inference=out / "tdm_inference.json")
+    assert kwargs == {"guidance_scale": 1.0, "timesteps": [899, 674, 449, 224]}
+    x_pipe = pipe(prompt_embeds=cond["prompt_embeds"], latents=x_T.clone(), output_type="latent",
+                  num_inference_steps=4, **kwargs).images
+    assert (x_pipe - x_ours).abs().max() < 1e-4
+
+
+def test_kohya_export_keys(teacher, tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from tdm.export import export_run
+
+    run = tmp_path / "r"
+    _train(run, _overrides(teacher, "train.iterations=1"))
+    keys = load_file(str(export_run(run, "kohya") / "pytorch_lora_weights_kohya.safetensors"))
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    alphas = [v for k, v in keys.items() if k.endswith(".alpha")]
+    assert alphas and all(int(a) == 4 for a in alphas)  # alpha = rank: alpha/rank is baked into lora_up
+    assert any("lora_down" in k for k in keys)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+
 from ..config import Config
 
-FAMILIES = ("toy", "digits", "sd15")
+FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox")
+_DIFFUSERS = {  # family -> (module, class): one small adapter file each
+    "sd15": ("sd15", "SD15Family"),
+    "sdxl": ("sdxl", "SDXLFamily"),
+    "pixart": ("pixart", "PixArtFamily"),
+    "sd3": ("sd3", "SD3Family"),
+    "cogvideox": ("cogvideox", "CogVideoXFamily"),
+}
 
 
 def build_family(cfg: Config, device="cpu", run_dir=None):
@@ -17,8 +26,7 @@ def build_family(cfg: Config, device="cpu", run_dir=None):
         from .digits import DigitsFamily
 
         return DigitsFamily(cfg, device)
-    if cfg.teacher.family == "sd15":
-        from .sd15 import SD15Family
-
-        return SD15Family(cfg, device, run_dir)
+    if cfg.teacher.family in _DIFFUSERS:
+        module, name = _DIFFUSERS[cfg.teacher.family]
+        return getattr(importlib.import_module(f".{module}", __name__), name)(cfg, device, run_dir)
     raise ValueError(f"unknown teacher family {cfg.teacher.family!r}; available: {', '.join(FAMILIES)}")
