@@ -22,6 +22,7 @@ def _distill(args) -> int:
     run_dir = Path(args.output or Path("runs") / args.preset)
     if args.dry_run:
         print(dump(cfg), end="")
+        _print_estimate(cfg)
         return 0
     old = run_dir / "config.yaml"
     if old.exists():
@@ -36,10 +37,32 @@ def _distill(args) -> int:
 
     trainer = Trainer(cfg, run_dir)
     trainer.train()
-    if trainer.accelerator.is_main_process and not args.no_eval:
+    if trainer.accelerator.is_main_process and not args.no_eval and cfg.train.eval_samples > 0:
         _print_metrics(evaluate(run_dir))
+    from .families import _DIFFUSERS
+
+    if cfg.teacher.family in _DIFFUSERS:
+        print(f"next: tdm export {run_dir} --format diffusers")
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _print_estimate(cfg) -> None:
+    """Forwards per iteration and, for diffusers teachers, the memory estimate (configs only)."""
+    from .estimate import forwards_per_iteration, memory_estimate
+    from .families import _DIFFUSERS, family_class
+
+    K = max(cfg.student.unify or [cfg.student.steps])
+    f = forwards_per_iteration(K, cfg.teacher.guidance)
+    print(f"# forwards per iteration: at most {f['network_calls']} network calls "
+          f"({f['batch_equivalents']} batch equivalents with CFG) vs the demo's {f['demo']}")
+    if cfg.teacher.family in _DIFFUSERS:
+        if not cfg.teacher.path:
+            print("# memory: give --teacher PATH for an estimate")
+            return
+        m = memory_estimate(cfg, family_class(cfg.teacher.family))
+        print("# memory (weights, grads, AdamW; activations excluded): "
+              + ", ".join(f"{k}={v}" for k, v in m.items()))
 
 
 def _print_metrics(m: dict) -> None:

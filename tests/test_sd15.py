@@ -89,3 +89,32 @@ def test_kohya_export_keys(teacher, tmp_path, one_thread):
     alphas = [v for k, v in keys.items() if k.endswith(".alpha")]
     assert alphas and all(int(a) == 4 for a in alphas)  # alpha = rank: alpha/rank is baked into lora_up
     assert any("lora_down" in k for k in keys)
+
+
+def test_cli_distill_export_sample(teacher, tmp_path, one_thread, capsys):
+    """The commands of README's "Distil your own model", on the tiny SD1.5."""
+    from PIL import Image
+
+    from tdm.cli import main
+    from tdm.estimate import memory_estimate
+    from tdm.families import family_class
+
+    path, prompts = teacher
+    common = ["--preset", "sd15", "--teacher", str(path), "--prompts", str(prompts)]
+    small = ["teacher.resolution=64", "train.batch_size=2", "lora.rank=4", "train.progress=false"]
+    assert main(["distill", *common, "--dry-run", *small]) == 0
+    out = capsys.readouterr().out
+    assert "at most 8 network calls" in out and "copies_of_base=1" in out
+
+    run = tmp_path / "run"
+    assert main(["distill", *common, "--output", str(run), *small, "train.iterations=1"]) == 0
+    trainer = Trainer(resolve("sd15", [f"teacher.path={path}", f"data.prompts={prompts}", *small]), tmp_path / "x")
+    est = memory_estimate(trainer.cfg, family_class("sd15"))
+    assert est["lora_params"] == sum(p.numel() for p in trainer.student_net.trainable_parameters())
+
+    assert main(["export", str(run)]) == 0
+    png = tmp_path / "s.png"
+    assert main(["sample", "--teacher", str(path), "--lora", str(run / "export_diffusers"), "--prompt",
+                 "a cat", "--out", str(png)]) == 0
+    img = Image.open(png)
+    assert img.size == (64, 64)

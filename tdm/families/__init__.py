@@ -16,6 +16,12 @@ _DIFFUSERS = {  # family -> (module, class): one small adapter file each
 }
 
 
+def family_class(name: str):
+    """A diffusers family's adapter class, without loading anything."""
+    module, cls = _DIFFUSERS[name]
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
 def build_family(cfg: Config, device="cpu", run_dir=None):
     """The adapter of `cfg.teacher.family`; `run_dir` holds caches (prompt embeddings)."""
     if cfg.teacher.family == "toy":
@@ -27,6 +33,5 @@ def build_family(cfg: Config, device="cpu", run_dir=None):
 
         return DigitsFamily(cfg, device)
     if cfg.teacher.family in _DIFFUSERS:
-        module, name = _DIFFUSERS[cfg.teacher.family]
-        return getattr(importlib.import_module(f".{module}", __name__), name)(cfg, device, run_dir)
+        return family_class(cfg.teacher.family)(cfg, device, run_dir)
     raise ValueError(f"unknown teacher family {cfg.teacher.family!r}; available: {', '.join(FAMILIES)}")
