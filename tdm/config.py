@@ -87,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 200            # also checkpoints at the end
     keep_checkpoints: int = 2
     log_every: int = 10
+    preview_every: int = 0                 # diffusers teachers: preview grid (K = 1, 2, 4) every N iterations
     mixed_precision: str = "no"            # accelerate's 'no', 'fp16' or 'bf16'
     eval_samples: int = 4000               # samples per metric in `tdm eval`
     progress: bool = True
@@ -141,24 +142,24 @@ PRESETS: dict[str, dict] = {
     "sd15": {
         "teacher": {"family": "sd15", "guidance": 4.5, "resolution": 512},
         "optim": {"lr_student": 5e-6, "lr_fake": 5e-5},
-        "train": {"iterations": 500, "batch_size": 8, "checkpoint_every": 100, "eval_samples": 0},
+        "train": {"iterations": 500, "batch_size": 8, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
     },
     # SDXL, LoRA. CFG and lrs are not given in TDM-METHOD; these follow the PixArt ratios (1/10).
     "sdxl": {
         "teacher": {"family": "sdxl", "guidance": 5.0, "resolution": 1024},
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
-        "train": {"iterations": 1000, "batch_size": 4, "checkpoint_every": 100, "eval_samples": 0},
+        "train": {"iterations": 1000, "batch_size": 4, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
     },
     # PixArt-alpha: the demo's recipe (TDM-METHOD §4): lr 2e-6 / 2e-5, 500 iterations, batch 32, CFG 4.5.
     "pixart-512": {
         "teacher": {"family": "pixart", "guidance": 4.5, "resolution": 512},
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
-        "train": {"iterations": 500, "batch_size": 32, "checkpoint_every": 100, "eval_samples": 0},
+        "train": {"iterations": 500, "batch_size": 32, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
     },
     "pixart-1024": {
         "teacher": {"family": "pixart", "guidance": 4.5, "resolution": 1024},
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
-        "train": {"iterations": 500, "batch_size": 32, "checkpoint_every": 100, "eval_samples": 0},
+        "train": {"iterations": 500, "batch_size": 32, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
     },
     # SD3 / SD3.5: rectified flow, shifted student grid, no importance weight (authors' flow code, §5).
     "sd3": {
@@ -166,7 +167,7 @@ PRESETS: dict[str, dict] = {
         "student": {"grid": "shifted", "grid_shift": 3.0},
         "tdm": {"importance_weight": "none"},
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
-        "train": {"iterations": 500, "batch_size": 4, "checkpoint_every": 100, "eval_samples": 0},
+        "train": {"iterations": 500, "batch_size": 4, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
     },
     # CogVideoX-2B: v-prediction, zero-SNR; the video LoRA's grid [999, 856, 665, 399] (§2) = shifted, s = 2.
     "cogvideox-2b": {

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .config import Config, dump
 from .families import build_family
 from .methods.tdm import TDM
-from .schedules import GridSpec
+from .schedules import GridSpec, timestep_grid
 
 
 class TrainState:
@@ -135,6 +135,18 @@ class Trainer:
             save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
         return path
 
+    def preview(self) -> None:
+        """Fixed prompts and noise through the student at K = 1, 2, 4: `previews/step_N.png` and the trackers."""
+        if not (self.accelerator.is_main_process and hasattr(self.family, "preview")):
+            return
+        s = self.cfg.student
+        grid_of = lambda K: timestep_grid(K, GridSpec(s.grid, s.grid_N, s.grid_shift), self.family.schedule.T,  # noqa: E731
+                                          self.family.schedule.discrete)
+        path = self.run_dir / "previews" / f"step_{self.state.step:07d}.png"
+        image = self.family.preview(self.method.student, grid_of, path)
+        for tracker in self.accelerator.trackers:
+            tracker.log_images({"preview": image.permute(1, 2, 0).numpy()}, step=self.state.step, dataformats="HWC")
+
     # -- the loop ------------------------------------------------------------------------
     def _step(self, log_path: Path, t0: float) -> dict:
         acc, tr = self.accelerator, self.cfg.train
@@ -174,6 +186,8 @@ class Trainer:
                                 fwd=m["forwards"])
                 if self.state.step % tr.checkpoint_every == 0 or self.state.step == tr.iterations:
                     self.save_checkpoint()
+                if tr.preview_every and self.state.step % tr.preview_every == 0:
+                    self.preview()
         except KeyboardInterrupt:
             bar.write(f"interrupted: checkpointing step {self.state.step}; run the same command to resume")
             self.save_checkpoint()

@@ -28,7 +28,17 @@ def _train(run, overrides):
 
 @pytest.mark.parametrize("lora", [True, False])
 def test_two_iterations(teacher, tmp_path, one_thread, lora):
-    trainer, hist = _train(tmp_path / "r", _overrides(teacher, "train.iterations=2", f"lora.enabled={str(lora).lower()}"))
+    trainer, hist = _train(tmp_path / "r", _overrides(teacher, "train.iterations=2", f"lora.enabled={str(lora).lower()}",
+                                                      "train.preview_every=2"))
+    preview = tmp_path / "r" / "previews" / "step_0000002.png"
+    from PIL import Image
+
+    assert Image.open(preview).size == (3 * 64, 3 * 64)  # the 3 distinct prompts x K = 1, 2, 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "r" / "logs" / "tdm"))
+    events.Reload()
+    assert "preview" in events.Tags()["images"] and "loss_fake" in events.Tags()["scalars"]  # trackers got them
     assert len(hist) == 2 and all(torch.isfinite(torch.tensor([m["loss_fake"], m["loss_student"]])).all() for m in hist)
     base = trainer.family.base
     nets = [trainer.method.teacher.net.base, trainer.method.student.net.base, trainer.method.fake.net.base]

@@ -172,3 +172,31 @@ class DiffusersFamily:
 
     def wrap(self, net: RoleNet) -> Denoiser:
         return Denoiser(net, self.schedule, self.prediction_type, learned_sigma=getattr(self, "learned_sigma", False))
+
+    # -- previews -------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1] with the teacher's VAE (loaded on first use, kept on the CPU)."""
+        if not hasattr(self, "_vae"):
+            from diffusers import AutoencoderKL
+
+            self._vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", local_files_only=True).eval()
+        vae = self._vae
+        z = latents.float().cpu() / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
+        with torch.no_grad():
+            return (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+
+    def preview(self, student: Denoiser, grid_of, path: Path, n_prompts: int = 4, Ks=(1, 2, 4)) -> torch.Tensor:
+        """Fixed prompts and noise, the student at each K, decoded: one row per K; returns the image (3, H, W)."""
+        from ..samplers import sample_student
+
+        g = torch.Generator().manual_seed(0)
+        n = min(n_prompts, len(self.prompts))
+        x_T = torch.randn(self.sample_shape(n), generator=g).to(self.device)
+        cond = self._cond(torch.arange(n, device=self.device))
+        rows = [self.decode(sample_student(student, x_T, grid_of(K), cond)) for K in Ks]
+        image = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # K rows x n prompts
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+        return image

@@ -1,0 +1,96 @@
+"""CogVideoX (2B, 5B): CogVideoXTransformer3DModel, one T5, v-prediction on a zero-SNR VP schedule (TDM-METHOD §1).
+
+Latents are 5-D, `(B, F_lat, C, H/8, W/8)` with frames BEFORE channels (the pipeline's layout). TDM's
+schedules, samplers and losses act per sample (`_bcast`, `flatten(1)`), so they need nothing video-specific.
+The teacher's schedule is CogVideoX's SNR-shifted (`snr_shift_scale`) zero-terminal-SNR one, which
+`VPSchedule.from_config` rebuilds exactly as diffusers does; the video LoRA's grid [999, 856, 665, 399]
+is the 'shifted' grid with s = 2 (§2, preset `cogvideox-2b`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..schedules import VPSchedule
+from .diffusers_base import DiffusersFamily
+from .sd15 import scheduler_config, vae_shape
+from .sd3 import text_only_pipeline
+
+
+def rotary_embedding(config, frames: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D RoPE of CogVideoX 1.0 (5B) for a latent grid, as `CogVideoXPipeline._prepare_rotary_positional_embeddings`
+    computes it (`height`, `width` in latent units, i.e. pixels / vae factor)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p = config.patch_size
+    grid = (height // p, width // p)
+    crops = get_resize_crop_region_for_grid(grid, config.sample_width // p, config.sample_height // p)
+    return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=crops, grid_size=grid,
+                                   temporal_size=frames, device=device)
+
+
+class CogVideoXFamily(DiffusersFamily):
+    pipeline_class = "CogVideoXPipeline"
+    network_folder = "transformer"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' CogVideoX LoRA recipe
+    max_sequence_length = 226  # the pipeline pads T5 tokens to exactly this; the transformer expects it
+
+    @property
+    def network_class(self):
+        from diffusers import CogVideoXTransformer3DModel
+
+        return CogVideoXTransformer3DModel
+
+    def __init__(self, *args, **kwargs):
+        self._rope: dict = {}
+        super().__init__(*args, **kwargs)
+        c = self.base.config
+        # CogVideoX 1.5 pads latent frames to patch_size_t and uses another RoPE grid; I2V models take an
+        # image latent in extra channels. Neither is wired here.
+        if c.patch_size_t is not None or c.ofs_embed_dim or c.in_channels != c.out_channels:
+            raise ValueError("CogVideoX family: only CogVideoX 1.0 text-to-video (2B, 5B) is supported")
+
+    def load_schedule(self, path: Path) -> VPSchedule:
+        config = scheduler_config(path)
+        # CogVideoXDDIM/DPM default to v_prediction; _class_name supplies snr_shift_scale's default (3.0)
+        self.prediction_type = config.get("prediction_type", "v_prediction")
+        return VPSchedule.from_config(config)
+
+    @torch.no_grad()
+    def encode_prompts(self, path: Path, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
+        # CogVideoXPipeline.encode_prompt: T5 last hidden state, padded to 226 tokens, no attention mask.
+        pipe = text_only_pipeline(path, self.pipeline_class)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            e, _ = pipe.encode_prompt(prompts[i : i + batch_size], do_classifier_free_guidance=False,
+                                      max_sequence_length=self.max_sequence_length, device="cpu")
+            out.append(e.float())
+        return {"prompt_embeds": torch.cat(out)}
+
+    def _rotary(self, net: nn.Module, x_t: torch.Tensor):
+        if not net.config.use_rotary_positional_embeddings:  # 2B: sin-cos positions inside the patch embed
+            return None
+        key = (*x_t.shape[1:2], *x_t.shape[3:], x_t.device)
+        if key not in self._rope:
+            self._rope[key] = rotary_embedding(net.config, x_t.shape[1], x_t.shape[3], x_t.shape[4], x_t.device)
+        return self._rope[key]
+
+    def call(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        # The pipeline passes integer timesteps; the time embedding casts to float32, so integer-valued
+        # float32 t gives the identical embedding (and never bf16, which cannot hold 999).
+        return net(hidden_states=x_t, encoder_hidden_states=cond["prompt_embeds"].to(x_t.dtype),
+                   timestep=t.to(torch.float32), image_rotary_emb=self._rotary(net, x_t)).sample
+
+    def latent_shape(self) -> tuple[int, ...]:
+        c, side = vae_shape(self.path, self.cfg.teacher.resolution)
+        if side % self.base.config.patch_size:
+            raise ValueError(f"teacher.resolution={self.cfg.teacher.resolution}: latent side {side} is not a "
+                             f"multiple of the transformer's patch size {self.base.config.patch_size}")
+        temporal = json.loads((self.path / "vae" / "config.json").read_text()).get("temporal_compression_ratio", 4)
+        frames = (self.cfg.teacher.frames - 1) // temporal + 1  # the pipeline's latent_frames
+        return (frames, c, side, side)

@@ -1,0 +1,78 @@
+"""Stable Diffusion 3 / 3.5: SD3Transformer2DModel (MMDiT), CLIP x2 + T5, rectified flow (TDM-METHOD §1, §5).
+
+The network predicts the velocity `v = eps - x0` and sees `timestep = 1000 * sigma` (diffusers' axis, which
+is also our `t`, see tdm.schedules); `Schedule.to_x0_eps(..., "flow")` converts it (§1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..schedules import FlowSchedule
+from .diffusers_base import DiffusersFamily
+from .sd15 import scheduler_config, vae_shape
+
+
+def text_only_pipeline(path: Path, pipeline_class: str, skip=("transformer", "vae")):
+    """The teacher's own pipeline without its big network and VAE, so prompts are encoded by the
+    pipeline's `encode_prompt` itself, bit for bit as inference will encode them."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class)
+    return cls.from_pretrained(path, local_files_only=True, **{name: None for name in skip})
+
+
+class SD3Family(DiffusersFamily):
+    pipeline_class = "StableDiffusion3Pipeline"
+    network_folder = "transformer"
+    prediction_type = "flow"
+    # Attention projections of the image and text streams (diffusers' SD3 DreamBooth-LoRA targets).
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    @property
+    def network_class(self):
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel
+
+    def load_schedule(self, path: Path) -> FlowSchedule:
+        config = scheduler_config(path)
+        # Resolution-dependent shifting (FLUX-style `mu`) or a stretched terminal would make the teacher's
+        # schedule differ from FlowSchedule(shift); SD3 and SD3.5 use neither.
+        if config.get("use_dynamic_shifting") or config.get("shift_terminal") or config.get("invert_sigmas"):
+            raise ValueError("SD3 family: dynamic shifting / shift_terminal / invert_sigmas are not supported")
+        return FlowSchedule(shift=config.get("shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000))
+
+    @torch.no_grad()
+    def encode_prompts(self, path: Path, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
+        # StableDiffusion3Pipeline.encode_prompt: both CLIPs' hidden_states[-2] concatenated and zero-padded
+        # to T5's width (77 tokens) + 256 T5 tokens; pooled = both CLIP projections concatenated. The empty
+        # prompt (last) is encoded the same way, as the pipeline encodes its default negative prompt "".
+        pipe = text_only_pipeline(path, self.pipeline_class)
+        if pipe.text_encoder_3 is None:  # the pipeline would need the transformer's config to zero-fill T5
+            raise ValueError(f"{path} has no text_encoder_3 (T5); SD3 without T5 is not supported")
+        emb, pooled = [], []
+        for i in range(0, len(prompts), batch_size):
+            e, _, p, _ = pipe.encode_prompt(prompts[i : i + batch_size], None, None, device="cpu",
+                                            do_classifier_free_guidance=False)
+            emb.append(e.float())
+            pooled.append(p.float())
+        return {"prompt_embeds": torch.cat(emb), "pooled": torch.cat(pooled)}
+
+    def call(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        # t is already 1000 * sigma, as the pipeline passes `scheduler.timesteps` (float32; never bf16,
+        # which would round 999 to 1000).
+        return net(hidden_states=x_t, timestep=t.to(torch.float32),
+                   encoder_hidden_states=cond["prompt_embeds"].to(x_t.dtype),
+                   pooled_projections=cond["pooled"].to(x_t.dtype)).sample
+
+    def latent_shape(self) -> tuple[int, ...]:
+        c, side = vae_shape(self.path, self.cfg.teacher.resolution)
+        patch = self.base.config.patch_size
+        if side % patch:  # the pipeline requires height % (vae factor * patch) == 0
+            raise ValueError(f"teacher.resolution={self.cfg.teacher.resolution}: latent side {side} is not a "
+                             f"multiple of the transformer's patch size {patch}")
+        return (c, side, side)
