@@ -59,8 +59,9 @@ class Trainer:
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(dump(cfg))
         self.family = family = build_family(cfg, acc.device, self.run_dir)
-        pretrained = family.pretrained_net(self.run_dir / "pretrained.safetensors",
-                                           generator=torch.Generator().manual_seed(tr.seed))
+        with acc.main_process_first():  # the main process fits and caches; the others load its file
+            pretrained = family.pretrained_net(self.run_dir / "pretrained.safetensors",
+                                               generator=torch.Generator().manual_seed(tr.seed))
         student_net, fake_net = family.student_and_fake(pretrained)
 
         def optimiser(net, lr):

@@ -92,3 +92,22 @@ def test_ema_student_is_saved_and_resumed(tmp_path, one_thread):
     assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # the EMA, not the raw student
     full_saved = load_file(str(tmp_path / "full" / "student.safetensors"))
     assert all(torch.equal(saved[k], full_saved[k]) for k in saved)  # resumed EMA == uninterrupted EMA
+
+
+def test_two_processes_with_torchrun(tmp_path):
+    """Data-parallel training through accelerate: 2 CPU processes (gloo) finish, one log, one checkpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # without it accelerate stays single-process on CPU
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tdm.cli", "distill",
+           "--preset", "toy-gmm", "--output", str(run), "--no-eval", *TINY, "train.iterations=10"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("run directory") == 2
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [10]
+    assert (run / "checkpoints" / "step_0000010" / "random_states_1.pkl").exists()  # both ranks' RNG saved
