@@ -77,6 +77,7 @@ class OptimConfig:
     grad_clip: float = 1.0                 # generator grad-norm clip
     warmup: int = 0                        # linear LR warm-up iterations for both roles
     ema: float = 0.0                       # EMA decay of the student; 0 = off
+    adam_8bit: bool = False                # bitsandbytes' 8-bit AdamW (must be installed)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class TrainConfig:
     log_every: int = 10
     preview_every: int = 0                 # diffusers teachers: preview grid (K = 1, 2, 4) every N iterations
     mixed_precision: str = "no"            # accelerate's 'no', 'fp16' or 'bf16'
+    gradient_checkpointing: bool = False   # diffusers networks: recompute activations in backward
     eval_samples: int = 4000               # samples per metric in `tdm eval`
     progress: bool = True
 

@@ -64,9 +64,16 @@ class Trainer:
                                                generator=torch.Generator().manual_seed(tr.seed))
         student_net, fake_net = family.student_and_fake(pretrained)
 
+        adamw = torch.optim.AdamW
+        if o.adam_8bit:
+            try:
+                from bitsandbytes.optim import AdamW8bit as adamw
+            except ImportError:
+                raise ValueError("optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes") from None
+
         def optimiser(net, lr):
             params = net.trainable_parameters() if hasattr(net, "trainable_parameters") else net.parameters()
-            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+            opt = adamw(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
             warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, o.warmup)))
             return opt, warm
 

@@ -29,7 +29,8 @@ def _train(run, overrides):
 @pytest.mark.parametrize("lora", [True, False])
 def test_two_iterations(teacher, tmp_path, one_thread, lora):
     trainer, hist = _train(tmp_path / "r", _overrides(teacher, "train.iterations=2", f"lora.enabled={str(lora).lower()}",
-                                                      "train.preview_every=2"))
+                                                      "train.preview_every=2", "train.gradient_checkpointing=true"))
+    assert trainer.family.base.is_gradient_checkpointing
     preview = tmp_path / "r" / "previews" / "step_0000002.png"
     from PIL import Image
 

@@ -125,6 +125,8 @@ class DiffusersFamily:
         self.base = self.network_class.from_pretrained(self.path, subfolder=self.network_folder,
                                                        local_files_only=True).to(self.device)
         self.base.requires_grad_(False)
+        if cfg.train.gradient_checkpointing:
+            self.base.enable_gradient_checkpointing()
         if cfg.lora.enabled:
             self._add_lora_adapters()
         self.teacher = Denoiser(RoleNet(self, self.base, None), self.schedule, self.prediction_type)
