@@ -53,7 +53,7 @@ def _print_estimate(cfg) -> None:
     from .families import _DIFFUSERS, family_class
 
     K = max(cfg.student.unify or [cfg.student.steps])
-    f = forwards_per_iteration(K, cfg.teacher.guidance)
+    f = forwards_per_iteration(K, cfg.teacher.guidance, cfg.tdm.fake_anchor > 0)
     print(f"# forwards per iteration: at most {f['network_calls']} network calls "
           f"({f['batch_equivalents']} batch equivalents with CFG) vs the demo's {f['demo']}")
     if cfg.teacher.family in _DIFFUSERS:

@@ -66,6 +66,7 @@ class TDMConfig:
     tau_min: int = 20                      # tau >= max(tau_min, t_m)
     tau_margin: int = 10                   # tau <= t_k - tau_margin (separate) or T - tau_margin (shared)
     randmid_margin: int = 20               # randmid: t_m in [t_{k-1}, t_k - randmid_margin)
+    fake_anchor: float = 0.0               # flow teachers: weight of the fake's anchor to the teacher (§5)
 
 
 @dataclass
@@ -167,7 +168,7 @@ PRESETS: dict[str, dict] = {
     "sd3": {
         "teacher": {"family": "sd3", "guidance": 7.0, "resolution": 1024},
         "student": {"grid": "shifted", "grid_shift": 3.0},
-        "tdm": {"importance_weight": "none"},
+        "tdm": {"importance_weight": "none", "fake_anchor": 0.02},
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
         "train": {"iterations": 500, "batch_size": 4, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
     },

@@ -11,9 +11,10 @@ BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 GiB = 1024**3
 
 
-def forwards_per_iteration(K: int, guidance: float) -> dict[str, float]:
-    """Upper bounds of one TDM iteration (§4): rollout K, fake update 1, student 1, teacher 1, fake 1."""
-    calls = K + 4
+def forwards_per_iteration(K: int, guidance: float, anchor: bool = False) -> dict[str, float]:
+    """Upper bounds of one TDM iteration (§4): rollout K, fake update 1 (+1 teacher with the §5 anchor),
+    student 1, teacher 1, fake 1."""
+    calls = K + 4 + int(anchor)
     return {"network_calls": calls, "batch_equivalents": calls + (1 if guidance != 1 else 0), "demo": 11}
 
 

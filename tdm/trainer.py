@@ -102,6 +102,9 @@ class Trainer:
         acc = self.accelerator
         net, opt, sched = ((self.student_net, self.opt_G, self.sched_G) if role == "student"
                            else (self.fake_net, self.opt_F, self.sched_F))
+        role_net = acc.unwrap_model(net)
+        if hasattr(role_net, "activate"):  # LoRA roles share one base: recomputation must see this role
+            role_net.activate()
         acc.backward(loss)
         clip = self.cfg.optim.grad_clip if role == "student" and self.cfg.optim.grad_clip > 0 else float("inf")
         self.grad_norms[role] = float(acc.clip_grad_norm_(net.parameters(), clip))

@@ -168,3 +168,19 @@ def test_min_snr_weight_clamps():
     snr = torch.tensor([0.01, 1.0, 5.0, 7.0, 1e4])
     torch.testing.assert_close(min_snr_weight(snr), torch.tensor([0.01, 1.0, 5.0, 5.0, 5.0]))
     torch.testing.assert_close(min_snr_weight(snr, gamma=2.0), torch.tensor([0.01, 1.0, 2.0, 2.0, 2.0]))
+
+
+def test_flow_fake_weight_is_velocity_mse():
+    """§5: for a flow teacher the fake-score loss weighted by 1/sigma^2 is the plain MSE of velocities
+    v = (x_tau - x0) / sigma (what tdm.methods.tdm uses for prediction type 'flow')."""
+    from tdm.losses import fake_score_loss
+    from tdm.schedules import FlowSchedule
+
+    g = torch.Generator().manual_seed(0)
+    sched = FlowSchedule(3.0)
+    tau = torch.tensor([100.0, 500.0, 900.0], dtype=torch.float64)
+    x_tau, x0_F, x0_hat = (torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    s = sched.sigma(tau).reshape(-1, 1, 1, 1)
+    v_F, v = (x_tau - x0_F) / s, (x_tau - x0_hat) / s
+    expected = ((v_F - v) ** 2).flatten(1).mean(1).mean()
+    assert torch.allclose(fake_score_loss(x0_F, x0_hat, sched.sigma(tau).pow(-2)), expected, rtol=1e-12)

@@ -50,9 +50,14 @@ class RoleNet(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, **extra) -> torch.Tensor:
         if extra:
             raise ValueError(f"diffusers teachers take no extra conditioning yet, got {sorted(extra)}")
+        self.activate()
+        return self._call(self.base, x_t, t, cond)
+
+    def activate(self) -> None:
+        """Route the shared base through this role. The trainer calls it again before this role's
+        backward: gradient checkpointing recomputes the forward then, after other roles ran."""
         if getattr(self.base, "_hf_peft_config_loaded", False):
             select_adapter(self.base, self.adapter)
-        return self._call(self.base, x_t, t, cond)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.adapter is None:

@@ -51,15 +51,15 @@ class SD3Family(DiffusersFamily):
         # StableDiffusion3Pipeline.encode_prompt: both CLIPs' hidden_states[-2] concatenated and zero-padded
         # to T5's width (77 tokens) + 256 T5 tokens; pooled = both CLIP projections concatenated. The empty
         # prompt (last) is encoded the same way, as the pipeline encodes its default negative prompt "".
-        pipe = text_only_pipeline(path, self.pipeline_class)
+        pipe = text_only_pipeline(path, self.pipeline_class).to(self.device)  # T5-XXL is slow on CPU
         if pipe.text_encoder_3 is None:  # the pipeline would need the transformer's config to zero-fill T5
             raise ValueError(f"{path} has no text_encoder_3 (T5); SD3 without T5 is not supported")
         emb, pooled = [], []
         for i in range(0, len(prompts), batch_size):
-            e, _, p, _ = pipe.encode_prompt(prompts[i : i + batch_size], None, None, device="cpu",
+            e, _, p, _ = pipe.encode_prompt(prompts[i : i + batch_size], None, None, device=self.device,
                                             do_classifier_free_guidance=False)
-            emb.append(e.float())
-            pooled.append(p.float())
+            emb.append(e.float().cpu())
+            pooled.append(p.float().cpu())
         return {"prompt_embeds": torch.cat(emb), "pooled": torch.cat(pooled)}
 
     def call(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -93,8 +93,17 @@ class TDM:
         x0_F, _ = self.fake(x_tau, tau, cond, **extra)
         w_IS = importance_weight(x_tau, x0_F_target, xi, self.schedule.alpha(tau), self.schedule.sigma(tau),
                                  self.cfg.importance_weight)
-        weight = min_snr_weight(self.schedule.snr(tau), self.cfg.min_snr_gamma).to(w_IS) * w_IS
+        if self.fake.prediction_type == "flow":
+            # §5: plain MSE on the fake's velocity, no importance weight: |v_F - v|^2 = |x0_F - x0_hat|^2 / sigma^2
+            weight = self.schedule.sigma(tau).pow(-2).to(w_IS)
+        else:
+            weight = min_snr_weight(self.schedule.snr(tau), self.cfg.min_snr_gamma).to(w_IS) * w_IS
         L_F = fake_score_loss(x0_F, x0_F_target, weight)
+        if self.cfg.fake_anchor > 0:
+            # §5: anchor `fake_anchor * ||v_real - v_fake||^2` to the conditional teacher (one more forward)
+            with torch.no_grad():
+                x0_real, _ = self.teacher(x_tau, tau, cond)
+            L_F = L_F + self.cfg.fake_anchor * fake_score_loss(x0_F, x0_real, self.schedule.sigma(tau).pow(-2))
         update("fake", L_F)
 
         # 5. Generator update: the single student step k_G with grad, matched at x_tau.
