@@ -40,7 +40,7 @@ def inference_spec(run) -> dict:
         "timesteps": grid[:-1],
         "guidance_scale": 1.0,
         "lora_scale": 1.0,
-        "scheduler": inference_scheduler(train_config, grid, kind),
+        "scheduler": inference_scheduler(train_config, grid, kind, vp_scheduler=fam.vp_scheduler),
     }
 
 
@@ -70,8 +70,20 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
 
         sd = student_lora_state_dict(net.base, cfg.lora.alpha, cfg.lora.rank)
         pipeline_cls = getattr(diffusers, fam.pipeline_class)
-        if fmt == "diffusers":
+        if fmt == "diffusers" and not hasattr(pipeline_cls, "save_lora_weights"):
+            # PixArt-alpha (diffusers 0.42): no LoRA loader on the pipeline nor PEFT mixin on the transformer.
+            # peft's own adapter folder instead, loaded by `PeftModel.from_pretrained(pipe.transformer, out)`
+            # (the PixArt-LCM-LoRA model card's route); alpha/rank is baked into lora_B, so lora_alpha = r.
+            from peft import LoraConfig
+
+            targets = net.base.peft_config["student"].target_modules
+            targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+            LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.rank, target_modules=targets).save_pretrained(str(out))
+            save_file({f"base_model.model.{k}": v for k, v in sd.items()}, str(out / "adapter_model.safetensors"))
+        elif fmt == "diffusers":
             pipeline_cls.save_lora_weights(out, **{f"{fam.network_folder}_lora_layers": sd})
+        elif not hasattr(pipeline_cls, "save_lora_weights"):
+            raise ValueError(f"{fam.pipeline_class} has no kohya LoRA loader; export 'diffusers' (peft folder) or 'full'")
         else:
             from diffusers.utils import convert_state_dict_to_kohya
 
@@ -97,9 +109,21 @@ def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference
     spec = json.loads(inference.read_text())
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True, torch_dtype=dtype)
     pipe.scheduler = build_inference_scheduler(spec["scheduler"])
-    if lora is not None:
+    if lora is not None and hasattr(pipe, "load_lora_weights"):
         pipe.load_lora_weights(str(lora), adapter_name="tdm")
         pipe.set_adapters(["tdm"], adapter_weights=[spec["lora_scale"]])
+    elif lora is not None:  # PixArt-alpha: peft's adapter folder (see export_run), merged into a stock network
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        from .families import family_class
+
+        folder = family_class(spec["family"]).network_folder
+        peft_net = PeftModel.from_pretrained(getattr(pipe, folder), str(lora if lora.is_dir() else lora.parent))
+        for m in peft_net.modules():
+            if isinstance(m, LoraLayer):
+                m.set_scale("default", spec["lora_scale"])
+        setattr(pipe, folder, peft_net.merge_and_unload())
     pipe.to(device)
     kwargs = {"guidance_scale": spec["guidance_scale"], **spec["scheduler"]["set_timesteps_kwargs"]}
     return pipe, kwargs

@@ -97,6 +97,8 @@ class DiffusersFamily:
     network_folder = "unet"              # subfolder of the denoising network
     network_class: type                  # e.g. UNet2DConditionModel
     prediction_type = "epsilon"          # overridden from the scheduler config where it says
+    learned_sigma = False                # PixArt-alpha: extra variance channels, dropped by Denoiser (§1)
+    vp_scheduler = "dpm"                 # exported stock scheduler (tdm.export_scheduler); PixArt: 'euler'
     lora_targets: tuple[str, ...] = ()   # default LoRA target modules
 
     # -- hooks ---------------------------------------------------------------------------
@@ -134,7 +136,7 @@ class DiffusersFamily:
             self.base.enable_gradient_checkpointing()
         if cfg.lora.enabled:
             self._add_lora_adapters()
-        self.teacher = Denoiser(RoleNet(self, self.base, None), self.schedule, self.prediction_type)
+        self.teacher = self.wrap(RoleNet(self, self.base, None))
         prompts = read_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
         cache = Path(run_dir) if run_dir is not None else self.path
         emb = cached_embeddings(prompts, lambda p: self.encode_prompts(self.path, p), cache,
@@ -178,7 +180,7 @@ class DiffusersFamily:
         return self.base
 
     def wrap(self, net: RoleNet) -> Denoiser:
-        return Denoiser(net, self.schedule, self.prediction_type, learned_sigma=getattr(self, "learned_sigma", False))
+        return Denoiser(net, self.schedule, self.prediction_type, learned_sigma=self.learned_sigma)
 
     # -- previews -------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -50,9 +50,6 @@ class PixArtFamily(DiffusersFamily):
 
     def __init__(self, cfg, device="cpu", run_dir=None):
         super().__init__(cfg, device, run_dir)
-        # The base class builds its teacher Denoiser without `learned_sigma` (only `wrap` reads it): the
-        # teacher must drop the variance channels too.
-        self.teacher.learned_sigma = self.learned_sigma
         # The 1024 px model (sample_size 128) takes micro-conditions; the stock pipeline passes the
         # (binned) pixel height/width and their ratio, i.e. for our square resolution r: (r, r) and 1.0.
         # The 256/512 px models take none (added_cond_kwargs values None).

@@ -48,14 +48,15 @@ class SDXLFamily(DiffusersFamily):
         pipe = StableDiffusionXLPipeline.from_pretrained(path, unet=None, vae=None, local_files_only=True)
         embeds, pooled = [], []
         for i in range(0, len(prompts), batch_size):
-            e, _, p, _ = pipe.encode_prompt(prompts[i : i + batch_size], device="cpu", do_classifier_free_guidance=False)
+            e, _, p, _ = pipe.encode_prompt(prompts[i : i + batch_size], device="cpu",
+                                            do_classifier_free_guidance=False)
             embeds.append(e.float())
             pooled.append(p.float())
         out = {"prompt_embeds": torch.cat(embeds), "pooled": torch.cat(pooled)}
         # The empty prompt (last row) is the teacher's unconditional branch (TDM-METHOD §1, CFG). With
         # `force_zeros_for_empty_prompt` (true for SDXL base 1.0) the stock pipeline does not encode "" for
-        # CFG: it uses all-zero prompt AND pooled embeddings (the way SDXL dropped text in training). We
-        # match the stock pipeline, so "the teacher at CFG w" means what `pipe(prompt, guidance_scale=w)` does.
+        # CFG: it uses all-zero prompt AND pooled embeddings (SDXL's conditioner dropped text by zeroing it).
+        # We match the stock pipeline: "the teacher at CFG w" is what `pipe(prompt, guidance_scale=w)` does.
         force_zeros = json.loads((path / "model_index.json").read_text()).get("force_zeros_for_empty_prompt", True)
         if force_zeros:
             empty = torch.tensor([p == "" for p in prompts])
