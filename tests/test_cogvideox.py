@@ -5,29 +5,23 @@ import types
 
 import pytest
 import torch
-from tiny_pipelines import PROMPTS, make_cogvideox
+from family_harness import exported_pipeline, moved_student, overrides, teacher_folder, train
+from tiny_pipelines import make_cogvideox
 
 from tdm.config import resolve
-from tdm.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cogvideox")
-    (root / "prompts.txt").write_text("\n".join([*PROMPTS, "", PROMPTS[0], "a red cube on a table"]) + "\n")
-    return make_cogvideox(root / "teacher"), root / "prompts.txt"
+    return teacher_folder(tmp_path_factory, "cogvideox", make_cogvideox)
 
 
 def _overrides(teacher, *more):
-    path, prompts = teacher
-    return ["train.progress=false", f"teacher.path={path}", f"data.prompts={prompts}", "teacher.resolution=64",
-            "teacher.frames=9", "train.batch_size=2", "lora.rank=4", "lora.alpha=8", "train.checkpoint_every=2",
-            *more]
+    return overrides(teacher, "teacher.frames=9", *more)
 
 
 def _train(run, overrides):
-    trainer = Trainer(resolve("cogvideox-2b", overrides), run)
-    return trainer, trainer.train()
+    return train("cogvideox-2b", run, overrides)
 
 
 def test_per_sample_ops_broadcast_over_video_latents(one_thread):
@@ -110,57 +104,14 @@ def test_latent_shape_keeps_native_aspect(tmp_path):
     assert fam.latent_shape() == (13, 16, 60, 90)
 
 
-@pytest.mark.parametrize("lora", [True, False])
-def test_two_iterations(teacher, tmp_path, one_thread, lora):
-    trainer, hist = _train(tmp_path / "r", _overrides(teacher, "train.iterations=2", f"lora.enabled={str(lora).lower()}",
-                                                      "train.preview_every=2", "train.gradient_checkpointing=true"))
-    assert trainer.family.base.is_gradient_checkpointing
-    from PIL import Image
-
-    preview = Image.open(tmp_path / "r" / "previews" / "step_0000002.png")
-    assert preview.size == (3 * 64, 3 * 64)  # the 3 distinct prompts x K = 1, 2, 4 (first frame of each video)
-    assert len(hist) == 2 and all(torch.isfinite(torch.tensor([m["loss_fake"], m["loss_student"]])).all() for m in hist)
-    base = trainer.family.base
-    nets = [trainer.method.teacher.net.base, trainer.method.student.net.base, trainer.method.fake.net.base]
-    if lora:  # one copy of the base weights serves teacher, student and fake
-        assert all(n is base for n in nets)
-        ptrs = {p.data_ptr() for n in nets for p in n.parameters()}
-        assert len(ptrs) == len(list(base.parameters()))
-    else:
-        assert len({id(n) for n in nets}) == 3
-
-
-def test_resume_matches_uninterrupted(teacher, tmp_path, one_thread):
-    _, full = _train(tmp_path / "full", _overrides(teacher, "train.iterations=4"))
-    _train(tmp_path / "split", _overrides(teacher, "train.iterations=2"))
-    _, rest = _train(tmp_path / "split", _overrides(teacher, "train.iterations=4"))
-    assert [(m["loss_fake"], m["loss_student"]) for m in full[2:]] == [(m["loss_fake"], m["loss_student"]) for m in rest]
-
-
 @pytest.mark.parametrize("fmt", ["diffusers", "full"])
 def test_export_reproduces_student_in_stock_pipeline(teacher, tmp_path, one_thread, fmt):
     """Export, then a freshly built CogVideoXPipeline (load_lora_weights, or the fused folder) set up from
     tdm_inference.json reproduces the library's K-step sampler on the video LoRA's grid to 1e-4 (fp32)."""
-    from tdm.evaluate import load_run
-    from tdm.export import export_run, load_pipeline
-    from tdm.samplers import sample_student
-
     run = tmp_path / "r"
     _train(run, _overrides(teacher, "train.iterations=2", "optim.lr_student=1e-2"))
-    ours = load_run(run)
-    g = torch.Generator().manual_seed(0)
-    x_T = torch.randn(ours.family.sample_shape(2), generator=g)
-    cond, _ = ours.family.sample_cond(2, g)
-    x_ours = sample_student(ours.student, x_T, ours.grid(4), cond)
-    x_teacher = sample_student(ours.family.teacher, x_T, ours.grid(4), cond)
-    assert (x_ours - x_teacher).abs().max() > 1e-3  # the student has moved: the comparison can fail
-
-    out = export_run(run, fmt)
-    if fmt == "diffusers":
-        assert (out / "pytorch_lora_weights.safetensors").exists()
-        pipe, kwargs = load_pipeline(teacher[0], lora=out)
-    else:
-        pipe, kwargs = load_pipeline(out, inference=out / "tdm_inference.json")
+    x_T, cond, x_ours = moved_student(run)
+    pipe, kwargs = exported_pipeline(run, teacher[0], fmt)
     assert kwargs == {"guidance_scale": 1.0, "timesteps": [999, 856, 665, 399]}
     x_pipe = pipe(prompt_embeds=cond["prompt_embeds"], latents=x_T.clone(), output_type="latent", num_frames=9,
                   height=64, width=64, num_inference_steps=4, **kwargs).frames

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from tiny_pipelines import PROMPTS, make_pixart
+from family_harness import overrides, teacher_folder, train
+from tiny_pipelines import make_pixart
 
 from tdm.config import resolve
-from tdm.trainer import Trainer
 
 GRID = [899, 674, 449, 224]  # the demo's 4-step grid (TDM-METHOD §2)
 TINY = {"use_resolution_binning": False, "height": 64, "width": 64}  # no aspect-ratio bin at 64 px
@@ -26,9 +26,7 @@ def _err(a, b, what):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pixart")
-    (root / "prompts.txt").write_text("\n".join([*PROMPTS, "", PROMPTS[0], "a red cube on a table"]) + "\n")
-    return make_pixart(root / "teacher"), root / "prompts.txt"
+    return teacher_folder(tmp_path_factory, "pixart", make_pixart)
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +48,11 @@ def teacher_1024(teacher, tmp_path_factory):
 
 
 def _overrides(teacher, *more):
-    path, prompts = teacher
-    return ["train.progress=false", f"teacher.path={path}", f"data.prompts={prompts}", "teacher.resolution=64",
-            "train.batch_size=2", "lora.rank=4", "lora.alpha=8", "train.checkpoint_every=2", *more]
+    return overrides(teacher, *more)
 
 
 def _train(run, overrides):
-    trainer = Trainer(resolve("pixart-512", overrides), run)
-    return trainer, trainer.train()
+    return train("pixart-512", run, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -114,32 +109,6 @@ def test_conditioning_and_cfg_match_stock_pipeline(teacher, teacher_1024, tmp_pa
     theirs = pipe(prompt_embeds=cond["prompt_embeds"], prompt_attention_mask=cond["prompt_attention_mask"],
                   latents=x_T.clone(), guidance_scale=4.5, timesteps=GRID, output_type="latent", **TINY).images
     assert ours.shape == theirs.shape == (2, 4, 8, 8) and _err(theirs, ours, f"{which} teacher CFG 4.5") < 1e-5
-
-
-@pytest.mark.parametrize("lora", [True, False])
-def test_two_iterations(teacher, tmp_path, one_thread, lora):
-    more = ("train.preview_every=2", "train.gradient_checkpointing=true") if lora else ()
-    trainer, hist = _train(tmp_path / "r", _overrides(teacher, "train.iterations=2",
-                                                      f"lora.enabled={str(lora).lower()}", *more))
-    assert len(hist) == 2 and all(torch.isfinite(torch.tensor([m["loss_fake"], m["loss_student"]])).all() for m in hist)
-    base = trainer.family.base
-    nets = [trainer.method.teacher.net.base, trainer.method.student.net.base, trainer.method.fake.net.base]
-    assert trainer.method.teacher.learned_sigma and trainer.method.student.learned_sigma
-    if lora:  # one copy of the base weights serves teacher, student and fake
-        assert base.is_gradient_checkpointing and (tmp_path / "r" / "previews" / "step_0000002.png").exists()
-        assert all(n is base for n in nets)
-        ptrs = {p.data_ptr() for n in nets for p in n.parameters()}
-        assert len(ptrs) == len(list(base.parameters()))
-    else:
-        assert len({id(n) for n in nets}) == 3
-
-
-def test_resume_matches_uninterrupted(teacher, tmp_path, one_thread):
-    _, full = _train(tmp_path / "full", _overrides(teacher, "train.iterations=4"))
-    _train(tmp_path / "split", _overrides(teacher, "train.iterations=2"))
-    _, rest = _train(tmp_path / "split", _overrides(teacher, "train.iterations=4"))
-    losses = lambda hist: [(m["loss_fake"], m["loss_student"]) for m in hist]  # noqa: E731
-    assert losses(full[2:]) == losses(rest)
 
 
 def _student_vs_teacher(run_dir):

@@ -3,30 +3,25 @@ encoders, pooled, time ids, zeroed negatives), LoRA and full students, export to
 
 import pytest
 import torch
-from tiny_pipelines import PROMPTS, make_sdxl
+from family_harness import overrides, teacher_folder, train
+from tiny_pipelines import make_sdxl
 
 from tdm.config import resolve
-from tdm.trainer import Trainer
 
 GRID = [899, 674, 449, 224]  # the demo's 4-step grid (TDM-METHOD §2)
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sdxl")
-    (root / "prompts.txt").write_text("\n".join([*PROMPTS, "", PROMPTS[0], "a red cube on a table"]) + "\n")
-    return make_sdxl(root / "teacher"), root / "prompts.txt"
+    return teacher_folder(tmp_path_factory, "sdxl", make_sdxl)
 
 
 def _overrides(teacher, *more):
-    path, prompts = teacher
-    return ["train.progress=false", f"teacher.path={path}", f"data.prompts={prompts}", "teacher.resolution=64",
-            "train.batch_size=2", "lora.rank=4", "lora.alpha=8", "train.checkpoint_every=2", *more]
+    return overrides(teacher, *more)
 
 
 def _train(run, overrides):
-    trainer = Trainer(resolve("sdxl", overrides), run)
-    return trainer, trainer.train()
+    return train("sdxl", run, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -83,31 +78,6 @@ def test_conditioning_and_cfg_match_stock_pipeline(teacher, tmp_path, one_thread
     err = (ours - theirs).abs().max()
     print(f"sdxl teacher CFG 5: max |pipeline - sample_ddim| = {err:.3g}")
     assert err < 1e-4
-
-
-@pytest.mark.parametrize("lora", [True, False])
-def test_two_iterations(teacher, tmp_path, one_thread, lora):
-    more = ("train.preview_every=2", "train.gradient_checkpointing=true") if lora else ()
-    trainer, hist = _train(tmp_path / "r", _overrides(teacher, "train.iterations=2",
-                                                      f"lora.enabled={str(lora).lower()}", *more))
-    assert len(hist) == 2 and all(torch.isfinite(torch.tensor([m["loss_fake"], m["loss_student"]])).all() for m in hist)
-    base = trainer.family.base
-    nets = [trainer.method.teacher.net.base, trainer.method.student.net.base, trainer.method.fake.net.base]
-    if lora:  # one copy of the base weights serves teacher, student and fake
-        assert base.is_gradient_checkpointing and (tmp_path / "r" / "previews" / "step_0000002.png").exists()
-        assert all(n is base for n in nets)
-        ptrs = {p.data_ptr() for n in nets for p in n.parameters()}
-        assert len(ptrs) == len(list(base.parameters()))
-    else:
-        assert len({id(n) for n in nets}) == 3
-
-
-def test_resume_matches_uninterrupted(teacher, tmp_path, one_thread):
-    _, full = _train(tmp_path / "full", _overrides(teacher, "train.iterations=4"))
-    _train(tmp_path / "split", _overrides(teacher, "train.iterations=2"))
-    _, rest = _train(tmp_path / "split", _overrides(teacher, "train.iterations=4"))
-    losses = lambda hist: [(m["loss_fake"], m["loss_student"]) for m in hist]  # noqa: E731
-    assert losses(full[2:]) == losses(rest)
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "full"])

@@ -1,9 +1,7 @@
 """The TDM loop end to end on the exact Gaussian-mixture teacher (TDM-METHOD §4, §6)."""
 
 import json
-import shutil
 
-import pytest
 import torch
 
 from tdm.config import resolve

@@ -1,0 +1,53 @@
+"""Shared set-up of the diffusers-family tests: a tiny teacher folder, a prompt file, short runs."""
+
+from tiny_pipelines import PROMPTS
+
+from tdm.config import resolve
+from tdm.trainer import Trainer
+
+# an empty line and a duplicate on purpose: 3 distinct prompts remain
+PROMPT_LINES = [*PROMPTS, "", PROMPTS[0], "a red cube on a table"]
+
+
+def teacher_folder(tmp_path_factory, name: str, build, **kwargs):
+    root = tmp_path_factory.mktemp(name)
+    (root / "prompts.txt").write_text("\n".join(PROMPT_LINES) + "\n")
+    return build(root / "teacher", **kwargs), root / "prompts.txt"
+
+
+def overrides(teacher, *more) -> list[str]:
+    path, prompts = teacher
+    return ["train.progress=false", f"teacher.path={path}", f"data.prompts={prompts}", "teacher.resolution=64",
+            "train.batch_size=2", "lora.rank=4", "lora.alpha=8", "train.checkpoint_every=2", *more]
+
+
+def train(preset: str, run, overrides: list[str]):
+    trainer = Trainer(resolve(preset, overrides), run)
+    return trainer, trainer.train()
+
+
+def moved_student(run_dir, K: int = 4, n: int = 2):
+    """A trained run's student on fixed noise and prompts, checked to differ from its teacher, so that an
+    export comparison against it can fail. Returns `(x_T, cond, x_student)`."""
+    import torch
+
+    from tdm.evaluate import load_run
+    from tdm.samplers import sample_student
+
+    run = load_run(run_dir)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(run.family.sample_shape(n), generator=g)
+    cond, _ = run.family.sample_cond(n, g)
+    x_student = sample_student(run.student, x_T, run.grid(K), cond)
+    assert (x_student - sample_student(run.family.teacher, x_T, run.grid(K), cond)).abs().max() > 1e-3
+    return x_T, cond, x_student
+
+
+def exported_pipeline(run_dir, teacher_path, fmt: str):
+    """Export a run, then build a fresh stock pipeline from it: the LoRA on the teacher, or the fused folder."""
+    from tdm.export import export_run, load_pipeline
+
+    out = export_run(run_dir, fmt)
+    if fmt == "full":
+        return load_pipeline(out, inference=out / "tdm_inference.json")
+    return load_pipeline(teacher_path, lora=out)
