@@ -92,6 +92,7 @@ class TrainConfig:
     preview_every: int = 0                 # diffusers teachers: preview grid (K = 1, 2, 4) every N iterations
     mixed_precision: str = "no"            # accelerate's 'no', 'fp16' or 'bf16'
     gradient_checkpointing: bool = False   # diffusers networks: recompute activations in backward
+    teacher_offload: bool = False          # full mode: keep the frozen teacher in CPU memory between calls
     eval_samples: int = 4000               # samples per metric in `tdm eval`
     progress: bool = True
 

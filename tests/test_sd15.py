@@ -89,3 +89,10 @@ def test_gradient_checkpointing_gives_the_same_lora(teacher, tmp_path, one_threa
     for role in ("s", "f"):
         for k, v in runs["false"][role].items():
             assert torch.allclose(v, runs["true"][role][k], atol=1e-6), k
+
+
+def test_full_mode_with_teacher_offload(teacher, tmp_path, one_thread):
+    trainer, hist = _train(tmp_path / "r", _overrides(teacher, "train.iterations=1", "lora.enabled=false",
+                                                      "train.teacher_offload=true"))
+    assert hasattr(trainer.family.base, "_hf_hook") and not hasattr(trainer.student_net.base, "_hf_hook")
+    assert torch.isfinite(torch.tensor(hist[0]["loss_student"]))

@@ -173,8 +173,15 @@ class DiffusersFamily:
     def student_and_fake(self, base: nn.Module) -> tuple[RoleNet, RoleNet]:
         """LoRA: two views of the one base. Full: two trainable copies (the teacher stays frozen)."""
         if self.cfg.lora.enabled:
+            if self.cfg.train.teacher_offload:
+                raise ValueError("train.teacher_offload is for full mode: in LoRA mode the teacher is the shared base")
             return RoleNet(self, base, "student"), RoleNet(self, base, "fake")
-        return tuple(RoleNet(self, copy.deepcopy(base).requires_grad_(True), None) for _ in ROLES)
+        nets = tuple(RoleNet(self, copy.deepcopy(base).requires_grad_(True), None) for _ in ROLES)
+        if self.cfg.train.teacher_offload:
+            from accelerate import cpu_offload
+
+            cpu_offload(base, execution_device=self.device)  # weights to the device per forward, then back
+        return nets
 
     def new_net(self) -> nn.Module:
         return self.base
