@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..schedules import VPSchedule
-from .diffusers_base import DiffusersFamily
-from .sd15 import scheduler_config, vae_shape
+from .diffusers_base import DiffusersFamily, vae_shape
 from .sd3 import text_only_pipeline
 
 
@@ -25,7 +23,9 @@ def rotary_embedding(config, frames: int, height: int, width: int, device) -> tu
     """3-D RoPE of CogVideoX 1.0 (5B) for a latent grid, as `CogVideoXPipeline._prepare_rotary_positional_embeddings`
     computes it (`height`, `width` in latent units, i.e. pixels / vae factor)."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import (
+        get_resize_crop_region_for_grid,
+    )
 
     p = config.patch_size
     grid = (height // p, width // p)
@@ -38,13 +38,8 @@ class CogVideoXFamily(DiffusersFamily):
     pipeline_class = "CogVideoXPipeline"
     network_folder = "transformer"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' CogVideoX LoRA recipe
+    prediction_type = "v_prediction"  # CogVideoX schedulers' default; the config's value wins
     max_sequence_length = 226  # the pipeline pads T5 tokens to exactly this; the transformer expects it
-
-    @property
-    def network_class(self):
-        from diffusers import CogVideoXTransformer3DModel
-
-        return CogVideoXTransformer3DModel
 
     def __init__(self, *args, **kwargs):
         self._rope: dict = {}
@@ -54,12 +49,6 @@ class CogVideoXFamily(DiffusersFamily):
         # image latent in extra channels. Neither is wired here.
         if c.patch_size_t is not None or c.ofs_embed_dim or c.in_channels != c.out_channels:
             raise ValueError("CogVideoX family: only CogVideoX 1.0 text-to-video (2B, 5B) is supported")
-
-    def load_schedule(self, path: Path) -> VPSchedule:
-        config = scheduler_config(path)
-        # CogVideoXDDIM/DPM default to v_prediction; _class_name supplies snr_shift_scale's default (3.0)
-        self.prediction_type = config.get("prediction_type", "v_prediction")
-        return VPSchedule.from_config(config)
 
     @torch.no_grad()
     def encode_prompts(self, path: Path, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ teacher is the same base with adapters disabled, so the big network is held once
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -17,9 +18,22 @@ from torch import nn
 from ..config import Config
 from ..denoiser import Denoiser
 from ..prompts import cached_embeddings, read_prompts
-from ..schedules import Schedule
+from ..schedules import Schedule, VPSchedule
 
 ROLES = ("student", "fake")
+
+
+def scheduler_config(path: Path) -> dict:
+    return json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+
+
+def vae_shape(path: Path, resolution: int) -> tuple[int, int]:
+    """Latent channels and side from the VAE config (one 2x downsampling per block after the first)."""
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    if resolution % factor:
+        raise ValueError(f"teacher.resolution={resolution} is not a multiple of the VAE factor {factor}")
+    return vae["latent_channels"], resolution // factor
 
 
 def select_adapter(base: nn.Module, adapter: str | None) -> None:
@@ -95,15 +109,24 @@ class DiffusersFamily:
     teacher_steps = (4, 8, 25, 50)
     student_eval_Ks = ()
     network_folder = "unet"              # subfolder of the denoising network
-    network_class: type                  # e.g. UNet2DConditionModel
-    prediction_type = "epsilon"          # overridden from the scheduler config where it says
+    prediction_type = "epsilon"          # default when the scheduler config does not say
     learned_sigma = False                # PixArt-alpha: extra variance channels, dropped by Denoiser (§1)
     vp_scheduler = "dpm"                 # exported stock scheduler (tdm.export_scheduler); PixArt: 'euler'
     lora_targets: tuple[str, ...] = ()   # default LoRA target modules
 
     # -- hooks ---------------------------------------------------------------------------
+    @property
+    def network_class(self) -> type:
+        """The diffusers class the teacher folder names (a family overrides it only to add behaviour)."""
+        import diffusers
+
+        return getattr(diffusers, json.loads((self.path / self.network_folder / "config.json").read_text())["_class_name"])
+
     def load_schedule(self, path: Path) -> Schedule:
-        raise NotImplementedError
+        """VP teachers: betas and prediction type from the folder's scheduler config (§1)."""
+        config = scheduler_config(path)
+        self.prediction_type = config.get("prediction_type", self.prediction_type)
+        return VPSchedule.from_config(config)
 
     def encode_prompts(self, path: Path, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Load the text encoders, encode all prompts (the empty prompt last), free the encoders."""

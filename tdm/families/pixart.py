@@ -8,9 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..schedules import VPSchedule
-from .diffusers_base import DiffusersFamily
-from .sd15 import scheduler_config, vae_shape
+from .diffusers_base import DiffusersFamily, vae_shape
 
 MAX_SEQUENCE_LENGTH = 120  # PixArtAlphaPipeline's default max_sequence_length for T5
 
@@ -58,11 +56,6 @@ class PixArtFamily(DiffusersFamily):
             n = self.embeddings["prompt_embeds"].shape[0]
             self.embeddings["resolution"] = torch.tensor([r, r], device=self.device).expand(n, 2)
             self.embeddings["aspect_ratio"] = torch.ones(n, 1, device=self.device)
-
-    def load_schedule(self, path: Path) -> VPSchedule:
-        config = scheduler_config(path)
-        self.prediction_type = config.get("prediction_type", "epsilon")
-        return VPSchedule.from_config(config)
 
     @torch.no_grad()
     def encode_prompts(self, path: Path, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:

@@ -2,44 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..schedules import VPSchedule
-from .diffusers_base import DiffusersFamily
-
-
-def scheduler_config(path: Path) -> dict:
-    return json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-
-
-def vae_shape(path: Path, resolution: int) -> tuple[int, int]:
-    """Latent channels and side from the VAE config (one 2x downsampling per block after the first)."""
-    vae = json.loads((path / "vae" / "config.json").read_text())
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    if resolution % factor:
-        raise ValueError(f"teacher.resolution={resolution} is not a multiple of the VAE factor {factor}")
-    return vae["latent_channels"], resolution // factor
+from .diffusers_base import DiffusersFamily, vae_shape
 
 
 class SD15Family(DiffusersFamily):
     pipeline_class = "StableDiffusionPipeline"
     network_folder = "unet"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
-
-    @property
-    def network_class(self):
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel
-
-    def load_schedule(self, path: Path) -> VPSchedule:
-        config = scheduler_config(path)
-        self.prediction_type = config.get("prediction_type", "epsilon")  # SD2: 'v_prediction'
-        return VPSchedule.from_config(config)
 
     @torch.no_grad()
     def encode_prompts(self, path: Path, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from ..schedules import FlowSchedule
-from .diffusers_base import DiffusersFamily
-from .sd15 import scheduler_config, vae_shape
+from .diffusers_base import DiffusersFamily, scheduler_config, vae_shape
 
 
 def text_only_pipeline(path: Path, pipeline_class: str, skip=("transformer", "vae")):
@@ -31,12 +30,6 @@ class SD3Family(DiffusersFamily):
     prediction_type = "flow"
     # Attention projections of the image and text streams (diffusers' SD3 DreamBooth-LoRA targets).
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-    @property
-    def network_class(self):
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel
 
     def load_schedule(self, path: Path) -> FlowSchedule:
         config = scheduler_config(path)

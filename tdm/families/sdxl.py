@@ -8,21 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..schedules import VPSchedule
-from .diffusers_base import DiffusersFamily
-from .sd15 import scheduler_config, vae_shape
+from .diffusers_base import DiffusersFamily, vae_shape
 
 
 class SDXLFamily(DiffusersFamily):
     pipeline_class = "StableDiffusionXLPipeline"
     network_folder = "unet"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
-
-    @property
-    def network_class(self):
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel
 
     def __init__(self, cfg, device="cpu", run_dir=None):
         super().__init__(cfg, device, run_dir)
@@ -32,11 +24,6 @@ class SDXLFamily(DiffusersFamily):
         r = float(cfg.teacher.resolution)
         n = next(iter(self.embeddings.values())).shape[0]
         self.embeddings["time_ids"] = torch.tensor([r, r, 0.0, 0.0, r, r], device=self.device).expand(n, 6)
-
-    def load_schedule(self, path: Path) -> VPSchedule:
-        config = scheduler_config(path)
-        self.prediction_type = config.get("prediction_type", "epsilon")  # base 1.0: epsilon
-        return VPSchedule.from_config(config)
 
     @torch.no_grad()
     def encode_prompts(self, path: Path, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:

@@ -14,8 +14,8 @@ from ..config import Config
 from ..denoiser import Denoiser
 from ..gmm import ExactGMMNet, GaussianMixture
 from ..metrics import energy_distance, mode_stats, sliced_wasserstein
-from ..schedules import VPSchedule
 from ..plots import scatter_panels
+from ..schedules import VPSchedule
 from .mlp import MLPDenoiserNet, fit_diffusion
 
 
