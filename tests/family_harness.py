@@ -51,3 +51,17 @@ def exported_pipeline(run_dir, teacher_path, fmt: str):
     if fmt == "full":
         return load_pipeline(out, inference=out / "tdm_inference.json")
     return load_pipeline(teacher_path, lora=out)
+
+
+def lora_run(preset: str, teacher, root, *more):
+    """A 2-iteration LoRA run with a large student lr at one thread, for module-scoped export fixtures
+    (the `one_thread` fixture is function-scoped); returns its run directory."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(preset, root / "r", overrides(teacher, *more, "train.iterations=2", "optim.lr_student=1e-2"))
+    finally:
+        torch.set_num_threads(n)
+    return root / "r"

@@ -5,7 +5,13 @@ import types
 
 import pytest
 import torch
-from family_harness import exported_pipeline, moved_student, overrides, teacher_folder, train
+from family_harness import (
+    exported_pipeline,
+    moved_student,
+    overrides,
+    teacher_folder,
+    train,
+)
 from tiny_pipelines import make_cogvideox
 
 from tdm.config import resolve

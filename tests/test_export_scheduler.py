@@ -9,8 +9,12 @@ import torch
 pytest.importorskip("diffusers")
 
 from tdm.denoiser import Denoiser  # noqa: E402
-from tdm.export_scheduler import (build_inference_scheduler, inference_scheduler, vp_alphas_cumprod,  # noqa: E402
-                                  vp_betas)
+from tdm.export_scheduler import (  # noqa: E402
+    build_inference_scheduler,
+    inference_scheduler,
+    vp_alphas_cumprod,
+    vp_betas,
+)
 from tdm.samplers import sample_student  # noqa: E402
 from tdm.schedules import FlowSchedule, VPSchedule, teacher_grid  # noqa: E402
 
@@ -190,8 +194,15 @@ def test_real_stock_pipelines_end_to_end():
     """StableDiffusionPipeline, PixArtAlphaPipeline (K = 1) and StableDiffusion3Pipeline themselves, with tiny
     random networks and given prompt embeddings, return the student's latents."""
     pytest.importorskip("transformers")
-    from diffusers import (AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        PixArtAlphaPipeline,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4,

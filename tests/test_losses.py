@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from tdm.losses import fake_score_loss, generator_loss, importance_weight, min_snr_weight, normaliser
+from tdm.losses import (
+    fake_score_loss,
+    generator_loss,
+    importance_weight,
+    min_snr_weight,
+    normaliser,
+)
 from tdm.schedules import FlowSchedule, VPSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")

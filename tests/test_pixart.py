@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from family_harness import overrides, teacher_folder, train
+from family_harness import lora_run, overrides, teacher_folder
 from tiny_pipelines import make_pixart
 
 from tdm.config import resolve
@@ -47,25 +47,10 @@ def teacher_1024(teacher, tmp_path_factory):
     return path, teacher[1]
 
 
-def _overrides(teacher, *more):
-    return overrides(teacher, *more)
-
-
-def _train(run, overrides):
-    return train("pixart-512", run, overrides)
-
-
 @pytest.fixture(scope="module")
 def trained(teacher, tmp_path_factory):
     """One LoRA run with a large student lr, shared by the export tests (export reads the run, never changes it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    run = tmp_path_factory.mktemp("pixart_run") / "r"
-    try:
-        _train(run, _overrides(teacher, "train.iterations=2", "optim.lr_student=1e-2"))
-    finally:
-        torch.set_num_threads(n)
-    return run
+    return lora_run("pixart-512", teacher, tmp_path_factory.mktemp("pixart_run"))
 
 
 def _stock(folder, scheduler_spec):
@@ -89,7 +74,7 @@ def test_conditioning_and_cfg_match_stock_pipeline(teacher, teacher_1024, tmp_pa
     from tdm.samplers import sample_ddim
 
     path = (teacher if which == "512" else teacher_1024)[0]
-    fam = build_family(resolve("pixart-512", _overrides((path, teacher[1]))), run_dir=tmp_path)
+    fam = build_family(resolve("pixart-512", overrides((path, teacher[1]))), run_dir=tmp_path)
     emb = fam.embeddings
     assert emb["prompt_embeds"].shape[1:] == (120, 32) and emb["prompt_attention_mask"].shape[1:] == (120,)
     assert emb["prompt_attention_mask"][-1].sum() == 1  # "": </s> alone

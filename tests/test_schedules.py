@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from tdm.schedules import (PREDICTION_TYPES, FlowSchedule, GridSpec, VPSchedule, check_grid, teacher_grid,
-                           timestep_grid)
+from tdm.schedules import (
+    PREDICTION_TYPES,
+    FlowSchedule,
+    GridSpec,
+    VPSchedule,
+    check_grid,
+    teacher_grid,
+    timestep_grid,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

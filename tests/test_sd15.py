@@ -2,7 +2,13 @@
 
 import pytest
 import torch
-from family_harness import exported_pipeline, moved_student, overrides, teacher_folder, train
+from family_harness import (
+    exported_pipeline,
+    moved_student,
+    overrides,
+    teacher_folder,
+    train,
+)
 from tiny_pipelines import make_sd15
 
 from tdm.config import resolve
@@ -14,12 +20,8 @@ def teacher(tmp_path_factory):
     return teacher_folder(tmp_path_factory, "sd15", make_sd15)
 
 
-def _overrides(teacher, *more):
-    return overrides(teacher, *more)
-
-
-def _train(run, overrides):
-    return train("sd15", run, overrides)
+def _train(run, args):
+    return train("sd15", run, args)
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "full"])
@@ -27,7 +29,7 @@ def test_export_reproduces_student_in_stock_pipeline(teacher, tmp_path, one_thre
     """Export, then a freshly built stock pipeline (load_lora_weights, or the fused folder) configured from
     tdm_inference.json reproduces the library's own K-step sampler to 1e-4 (fp32)."""
     run = tmp_path / "r"
-    trainer, _ = _train(run, _overrides(teacher, "train.iterations=2", "optim.lr_student=1e-2"))
+    trainer, _ = _train(run, overrides(teacher, "train.iterations=2", "optim.lr_student=1e-2"))
     x_T, cond, x_ours = moved_student(run)
     pipe, kwargs = exported_pipeline(run, teacher[0], fmt)
     assert kwargs == {"guidance_scale": 1.0, "timesteps": [899, 674, 449, 224]}
@@ -42,7 +44,7 @@ def test_kohya_export_keys(teacher, tmp_path, one_thread):
     from tdm.export import export_run
 
     run = tmp_path / "r"
-    _train(run, _overrides(teacher, "train.iterations=1"))
+    _train(run, overrides(teacher, "train.iterations=1"))
     keys = load_file(str(export_run(run, "kohya") / "pytorch_lora_weights_kohya.safetensors"))
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     alphas = [v for k, v in keys.items() if k.endswith(".alpha")]
@@ -84,7 +86,7 @@ def test_gradient_checkpointing_gives_the_same_lora(teacher, tmp_path, one_threa
     ran: the trainer re-selects the role first, so the trained adapters equal those without checkpointing."""
     runs = {}
     for gc in ("false", "true"):
-        trainer, _ = _train(tmp_path / gc, _overrides(teacher, "train.iterations=2", f"train.gradient_checkpointing={gc}"))
+        trainer, _ = _train(tmp_path / gc, overrides(teacher, "train.iterations=2", f"train.gradient_checkpointing={gc}"))
         runs[gc] = {role: net.state_dict() for role, net in (("s", trainer.student_net), ("f", trainer.fake_net))}
     for role in ("s", "f"):
         for k, v in runs["false"][role].items():
@@ -92,7 +94,7 @@ def test_gradient_checkpointing_gives_the_same_lora(teacher, tmp_path, one_threa
 
 
 def test_full_mode_with_teacher_offload(teacher, tmp_path, one_thread):
-    trainer, hist = _train(tmp_path / "r", _overrides(teacher, "train.iterations=1", "lora.enabled=false",
+    trainer, hist = _train(tmp_path / "r", overrides(teacher, "train.iterations=1", "lora.enabled=false",
                                                       "train.teacher_offload=true"))
     assert hasattr(trainer.family.base, "_hf_hook") and not hasattr(trainer.student_net.base, "_hf_hook")
     assert torch.isfinite(torch.tensor(hist[0]["loss_student"]))

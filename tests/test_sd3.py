@@ -3,7 +3,13 @@ resume, and export to a stock StableDiffusion3Pipeline with FlowMatchEulerDiscre
 
 import pytest
 import torch
-from family_harness import exported_pipeline, moved_student, overrides, teacher_folder, train
+from family_harness import (
+    exported_pipeline,
+    moved_student,
+    overrides,
+    teacher_folder,
+    train,
+)
 from tiny_pipelines import make_sd3
 
 from tdm.config import resolve
@@ -14,12 +20,8 @@ def teacher(tmp_path_factory):
     return teacher_folder(tmp_path_factory, "sd3", make_sd3)
 
 
-def _overrides(teacher, *more):
-    return overrides(teacher, *more)
-
-
-def _train(run, overrides):
-    return train("sd3", run, overrides)
+def _train(run, args):
+    return train("sd3", run, args)
 
 
 def test_shifted_grid_and_exported_sigmas():
@@ -40,7 +42,7 @@ def test_shifted_grid_and_exported_sigmas():
 def test_prompt_embeddings_layout(teacher, tmp_path, one_thread):
     from tdm.families import build_family
 
-    fam = build_family(resolve("sd3", _overrides(teacher)), run_dir=tmp_path)
+    fam = build_family(resolve("sd3", overrides(teacher)), run_dir=tmp_path)
     e, p = fam.embeddings["prompt_embeds"], fam.embeddings["pooled"]
     n = len(fam.prompts) + 1  # + the empty prompt
     assert e.shape == (n, 77 + 256, 96) and p.shape == (n, 32 + 40)
@@ -53,7 +55,7 @@ def test_export_reproduces_student_in_stock_pipeline(teacher, tmp_path, one_thre
     """Export, then a freshly built StableDiffusion3Pipeline (load_lora_weights, or the fused folder) set up
     from tdm_inference.json reproduces the library's K-step sampler to 1e-4 (fp32)."""
     run = tmp_path / "r"
-    _train(run, _overrides(teacher, "train.iterations=2", "optim.lr_student=1e-2"))
+    _train(run, overrides(teacher, "train.iterations=2", "optim.lr_student=1e-2"))
     x_T, cond, x_ours = moved_student(run)
     pipe, kwargs = exported_pipeline(run, teacher[0], fmt)
     assert kwargs["guidance_scale"] == 1.0

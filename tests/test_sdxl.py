@@ -3,7 +3,7 @@ encoders, pooled, time ids, zeroed negatives), LoRA and full students, export to
 
 import pytest
 import torch
-from family_harness import overrides, teacher_folder, train
+from family_harness import lora_run, overrides, teacher_folder
 from tiny_pipelines import make_sdxl
 
 from tdm.config import resolve
@@ -16,25 +16,10 @@ def teacher(tmp_path_factory):
     return teacher_folder(tmp_path_factory, "sdxl", make_sdxl)
 
 
-def _overrides(teacher, *more):
-    return overrides(teacher, *more)
-
-
-def _train(run, overrides):
-    return train("sdxl", run, overrides)
-
-
 @pytest.fixture(scope="module")
 def trained(teacher, tmp_path_factory):
     """One LoRA run with a large student lr, shared by the export tests (export reads the run, never changes it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    run = tmp_path_factory.mktemp("sdxl_run") / "r"
-    try:
-        _train(run, _overrides(teacher, "train.iterations=2", "optim.lr_student=1e-2"))
-    finally:
-        torch.set_num_threads(n)
-    return run
+    return lora_run("sdxl", teacher, tmp_path_factory.mktemp("sdxl_run"))
 
 
 def _stock(folder, scheduler_spec=None):
@@ -58,7 +43,7 @@ def test_conditioning_and_cfg_match_stock_pipeline(teacher, tmp_path, one_thread
     from tdm.families import build_family
     from tdm.samplers import sample_ddim
 
-    fam = build_family(resolve("sdxl", _overrides(teacher)), run_dir=tmp_path)
+    fam = build_family(resolve("sdxl", overrides(teacher)), run_dir=tmp_path)
     assert fam.embeddings["prompt_embeds"].shape[1:] == (77, 80) and fam.embeddings["pooled"].shape[1:] == (40,)
     assert fam.embeddings["time_ids"][0].tolist() == [64, 64, 0, 0, 64, 64]
     assert fam.embeddings["prompt_embeds"][-1].abs().max() == 0 and fam.embeddings["pooled"][-1].abs().max() == 0

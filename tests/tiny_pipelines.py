@@ -435,7 +435,11 @@ def make_sd15(path, prediction_type: str = "epsilon") -> Path:
 
 def make_sdxl(path) -> Path:
     """SDXL-base-like StableDiffusionXLPipeline (two CLIP encoders, text_time conditioning)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     path = _prepare(path)
     with _seeded():
@@ -490,7 +494,11 @@ def make_sdxl(path) -> Path:
 
 def make_pixart(path) -> Path:
     """PixArt-alpha-like PixArtAlphaPipeline (T5 + DiT with adaLN-single, learned sigma)."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtTransformer2DModel,
+    )
 
     path = _prepare(path)
     with _seeded():
@@ -532,7 +540,11 @@ def make_pixart(path) -> Path:
 
 def make_sd3(path) -> Path:
     """SD3-medium-like StableDiffusion3Pipeline (2x CLIP with projection + T5, MMDiT, flow matching)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     path = _prepare(path)
     with _seeded():
