@@ -124,6 +124,9 @@ class Config:
         return cfg
 
 
+# What every diffusers preset shares: checkpoints and previews every so often, no built-in metric.
+_DIFFUSERS_TRAIN = {"checkpoint_every": 100, "eval_samples": 0, "preview_every": 50}
+
 # Named presets: overrides of the defaults above.
 # The toy presets turn the demo's tempered importance weight off: in 2-D/4-D its per-element mean is far
 # from 1 and it doubled the energy distance at equal iterations (README, "The importance weight").
@@ -146,24 +149,24 @@ PRESETS: dict[str, dict] = {
     "sd15": {
         "teacher": {"family": "sd15", "guidance": 4.5, "resolution": 512},
         "optim": {"lr_student": 5e-6, "lr_fake": 5e-5},
-        "train": {"iterations": 500, "batch_size": 8, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
+        "train": {"iterations": 500, "batch_size": 8, **_DIFFUSERS_TRAIN},
     },
     # SDXL, LoRA. CFG and lrs are not given in TDM-METHOD; these follow the PixArt ratios (1/10).
     "sdxl": {
         "teacher": {"family": "sdxl", "guidance": 5.0, "resolution": 1024},
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
-        "train": {"iterations": 1000, "batch_size": 4, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
+        "train": {"iterations": 1000, "batch_size": 4, **_DIFFUSERS_TRAIN},
     },
     # PixArt-alpha: the demo's recipe (TDM-METHOD §4): lr 2e-6 / 2e-5, 500 iterations, batch 32, CFG 4.5.
     "pixart-512": {
         "teacher": {"family": "pixart", "guidance": 4.5, "resolution": 512},
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
-        "train": {"iterations": 500, "batch_size": 32, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
+        "train": {"iterations": 500, "batch_size": 32, **_DIFFUSERS_TRAIN},
     },
     "pixart-1024": {
         "teacher": {"family": "pixart", "guidance": 4.5, "resolution": 1024},
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
-        "train": {"iterations": 500, "batch_size": 32, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
+        "train": {"iterations": 500, "batch_size": 32, **_DIFFUSERS_TRAIN},
     },
     # SD3 / SD3.5: rectified flow, shifted student grid, no importance weight (authors' flow code, §5).
     "sd3": {
@@ -171,7 +174,7 @@ PRESETS: dict[str, dict] = {
         "student": {"grid": "shifted", "grid_shift": 3.0},
         "tdm": {"importance_weight": "none", "fake_anchor": 0.02},
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
-        "train": {"iterations": 500, "batch_size": 4, "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50},
+        "train": {"iterations": 500, "batch_size": 4, **_DIFFUSERS_TRAIN},
     },
     # CogVideoX-2B: v-prediction, zero-SNR; the video LoRA's grid [999, 856, 665, 399] (§2) = shifted, s = 2.
     "cogvideox-2b": {

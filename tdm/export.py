@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .evaluate import load_run
 from .export_scheduler import build_inference_scheduler, inference_scheduler
+from .families.diffusers_base import scheduler_config
 
 FORMATS = ("diffusers", "kohya", "full")
 
@@ -31,7 +32,7 @@ def student_lora_state_dict(base: torch.nn.Module, alpha: float, rank: int) -> d
 def inference_spec(run) -> dict:
     fam, K = run.family, run.cfg.student.steps
     grid = run.grid(K).tolist()
-    train_config = json.loads((fam.path / "scheduler" / "scheduler_config.json").read_text())
+    train_config = scheduler_config(fam.path)
     kind = "flow" if not fam.schedule.discrete else "vp"
     return {
         "family": run.cfg.teacher.family,
@@ -45,6 +46,8 @@ def inference_spec(run) -> dict:
 
 
 def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path | None = None) -> Path:
+    import diffusers
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
     run = load_run(run_dir)
@@ -54,8 +57,6 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
     spec = inference_spec(run)
     net = run.student.net
     if fmt == "full" or not cfg.lora.enabled:
-        import diffusers
-
         if cfg.lora.enabled:
             net.base.set_adapter("student")
             net.base.fuse_lora(adapter_names=["student"])
@@ -66,8 +67,6 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
         pipe.save_pretrained(out)
         spec["lora_scale"] = None
     else:
-        import diffusers
-
         sd = student_lora_state_dict(net.base, cfg.lora.alpha, cfg.lora.rank)
         pipeline_cls = getattr(diffusers, fam.pipeline_class)
         if fmt == "diffusers" and not hasattr(pipeline_cls, "save_lora_weights"):

@@ -144,6 +144,8 @@ class DiffusersFamily:
             raise ValueError("TDM-unify's K embedding is not wired into diffusers networks yet")
         if cfg.optim.ema > 0 and cfg.lora.enabled:
             raise ValueError("optim.ema would copy the whole base in LoRA mode; not supported yet")
+        if cfg.train.teacher_offload and cfg.lora.enabled:
+            raise ValueError("train.teacher_offload is for full mode: in LoRA mode the teacher is the shared base")
         if not cfg.teacher.path:
             raise ValueError("set teacher.path (or --teacher PATH) to a local diffusers folder")
         self.cfg = cfg
@@ -196,8 +198,6 @@ class DiffusersFamily:
     def student_and_fake(self, base: nn.Module) -> tuple[RoleNet, RoleNet]:
         """LoRA: two views of the one base. Full: two trainable copies (the teacher stays frozen)."""
         if self.cfg.lora.enabled:
-            if self.cfg.train.teacher_offload:
-                raise ValueError("train.teacher_offload is for full mode: in LoRA mode the teacher is the shared base")
             return RoleNet(self, base, "student"), RoleNet(self, base, "fake")
         nets = tuple(RoleNet(self, copy.deepcopy(base).requires_grad_(True), None) for _ in ROLES)
         if self.cfg.train.teacher_offload:
