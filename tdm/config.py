@@ -90,8 +90,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     preview_every: int = 0                 # diffusers teachers: preview grid (K = 1, 2, 4) every N iterations
-    mixed_precision: str = "no"            # accelerate's 'no', 'fp16' or 'bf16'
+    mixed_precision: str = "no"            # 'no', 'fp16' or 'bf16': frozen networks in it, trainable weights fp32
+    tf32: bool = True                      # CUDA: TF32 for the fp32 matmuls and convolutions
     gradient_checkpointing: bool = False   # diffusers networks: recompute activations in backward
+    channels_last: bool = True             # diffusers UNets: channels-last memory layout
+    compile: bool = False                  # diffusers networks: torch.compile the calls; fixed-shape rollout
     teacher_offload: bool = False          # full mode: keep the frozen teacher in CPU memory between calls
     eval_samples: int = 4000               # samples per metric in `tdm eval`
     progress: bool = True
@@ -124,8 +127,8 @@ class Config:
         return cfg
 
 
-# What every diffusers preset shares: checkpoints and previews every so often, no built-in metric.
-_DIFFUSERS_TRAIN = {"checkpoint_every": 100, "eval_samples": 0, "preview_every": 50}
+# What every diffusers preset shares: bf16, checkpoints and previews every so often, no built-in metric.
+_DIFFUSERS_TRAIN = {"mixed_precision": "bf16", "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50}
 
 # Named presets: overrides of the defaults above.
 # The toy presets turn the demo's tempered importance weight off: in 2-D/4-D its per-element mean is far
@@ -181,7 +184,7 @@ PRESETS: dict[str, dict] = {
         "teacher": {"family": "cogvideox", "guidance": 6.0, "resolution": 480, "frames": 49},
         "student": {"grid": "shifted", "grid_shift": 2.0},
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
-        "train": {"iterations": 500, "batch_size": 1, "checkpoint_every": 50, "eval_samples": 0},
+        "train": {"iterations": 500, "batch_size": 1, **_DIFFUSERS_TRAIN, "checkpoint_every": 50},
     },
 }
 

@@ -32,6 +32,13 @@ def take_cond(c: Cond, index: torch.Tensor) -> Cond:
     return c
 
 
+def host_times(t, n: int) -> torch.Tensor:
+    """Times of `n` samples on the host: schedule arithmetic there never waits on the device; the network
+    gets its own copy."""
+    t = torch.as_tensor(t).cpu()
+    return t.expand(n) if t.ndim == 0 else t
+
+
 class Denoiser(nn.Module):
     """Wraps `net(x_t, t, cond, **extra) -> output` of a given parameterisation.
 
@@ -52,9 +59,8 @@ class Denoiser(nn.Module):
             raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, **extra):
-        t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        out = self.net(x_t, t, cond, **extra)
+        t = host_times(t, x_t.shape[0])
+        out = self.net(x_t, t.to(x_t.device), cond, **extra)
         if self.learned_sigma:
             out = out[:, : out.shape[1] // 2]  # keep the mean channels (§1)
         self.calls += 1
@@ -76,8 +82,7 @@ def cfg_denoise(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Co
     """
     if w == 1:
         return denoiser(x_t, t, cond, **extra)
-    t = torch.as_tensor(t, device=x_t.device)
-    t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+    t = host_times(t, x_t.shape[0])
     extra2 = {key: concat_cond(v, v) for key, v in extra.items()}
     x0, eps = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_cond(cond, uncond), **extra2)
     (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)

@@ -106,7 +106,7 @@ def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference
     inference = Path(inference) if inference else (lora if lora and lora.is_dir() else
                                                    (lora.parent if lora else Path(teacher))) / "tdm_inference.json"
     spec = json.loads(inference.read_text())
-    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True, torch_dtype=dtype)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True, dtype=dtype)
     pipe.scheduler = build_inference_scheduler(spec["scheduler"])
     if lora is not None and hasattr(pipe, "load_lora_weights"):
         pipe.load_lora_weights(str(lora), adapter_name="tdm")

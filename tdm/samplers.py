@@ -20,6 +20,13 @@ class Trajectory:
     eps_hat: list[torch.Tensor]
 
 
+def randn_from(generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Noise shaped like `like`, drawn on the generator's own device (a CPU generator cannot fill a CUDA
+    tensor) and moved to `like`'s."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
 def ddim_step(schedule, x0_hat: torch.Tensor, eps_hat: torch.Tensor, t_next) -> torch.Tensor:
     """Deterministic DDIM step `x_next = alpha_next x0_hat + sigma_next eps_hat` (§2)."""
     t_next = torch.as_tensor(t_next).reshape(-1)
@@ -47,7 +54,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, grid: torch.Tensor, cond: C
         if t_next == 0:
             x = x0_hat  # the last step returns the clean prediction
         else:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if stochastic else eps_hat
+            noise = randn_from(generator, x) if stochastic else eps_hat
             x = ddim_step(denoiser.schedule, x0_hat, noise, t_next)
     return (x, traj) if return_trajectory else x
 

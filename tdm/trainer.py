@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -17,22 +17,25 @@ from tqdm.auto import tqdm
 from .config import Config, dump
 from .families import build_family
 from .methods.tdm import TDM
+from .rng import RunRNG
 from .schedules import GridSpec, timestep_grid
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TrainState:
-    """Step counter and the method's random generator, saved with every checkpoint."""
+    """Step counter and the method's random generators, saved with every checkpoint."""
 
-    def __init__(self, generator: torch.Generator):
+    def __init__(self, rng: RunRNG):
         self.step = 0
-        self.generator = generator
+        self.rng = rng
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "generator": self.generator.get_state()}
+        return {"step": self.step, "rng": self.rng.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
+        self.rng.load_state_dict(state["rng"])
 
 
 def _tensorboard_available() -> bool:
@@ -41,6 +44,19 @@ def _tensorboard_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _floats(m: dict) -> dict:
+    """Metrics with device scalars read (this waits for the device: at log steps only)."""
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in m.items()}
+
+
+def use_tf32() -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (10 mantissa bits instead of 23)."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 class Trainer:
@@ -55,25 +71,34 @@ class Trainer:
             mixed_precision=tr.mixed_precision,
             project_config=ProjectConfiguration(str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
             log_with="tensorboard" if _tensorboard_available() else None)
+        if tr.mixed_precision == "fp16" and acc.device.type == "cpu":
+            raise ValueError("train.mixed_precision=fp16 needs a GPU (accelerate runs fp16 on the CPU as fp32); "
+                             "use bf16 or no")
+        if tr.batch_size % acc.num_processes:
+            raise ValueError(f"train.batch_size={tr.batch_size} is the global batch: it must be a multiple of the "
+                             f"{acc.num_processes} processes")
+        if tr.tf32 and acc.device.type == "cuda":
+            use_tf32()
         set_seed(tr.seed)
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(dump(cfg))
-        self.family = family = build_family(cfg, acc.device, self.run_dir)
+        self.family = family = build_family(cfg, acc.device, self.run_dir, DTYPES[tr.mixed_precision])
         with acc.main_process_first():  # the main process fits and caches; the others load its file
             pretrained = family.pretrained_net(self.run_dir / "pretrained.safetensors",
                                                generator=torch.Generator().manual_seed(tr.seed))
         student_net, fake_net = family.student_and_fake(pretrained)
 
-        adamw = torch.optim.AdamW
-        if o.adam_8bit:
-            try:
-                from bitsandbytes.optim import AdamW8bit as adamw
-            except ImportError:
-                raise ValueError("optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes") from None
-
         def optimiser(net, lr):
-            params = net.trainable_parameters() if hasattr(net, "trainable_parameters") else net.parameters()
-            opt = adamw(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+            params = net.trainable_parameters() if hasattr(net, "trainable_parameters") else list(net.parameters())
+            kwargs = dict(lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+            if o.adam_8bit:
+                try:
+                    from bitsandbytes.optim import AdamW8bit
+                except ImportError:
+                    raise ValueError("optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes") from None
+                opt = AdamW8bit(params, **kwargs)
+            else:  # one fused kernel per step instead of one launch per tensor and moment
+                opt = torch.optim.AdamW(params, fused=params[0].device.type == "cuda", **kwargs)
             warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, o.warmup)))
             return opt, warm
 
@@ -86,16 +111,15 @@ class Trainer:
         if o.ema > 0:
             self.ema = AveragedModel(acc.unwrap_model(student_net), multi_avg_fn=get_ema_multi_avg_fn(o.ema))
             acc.register_for_checkpointing(self.ema)
-        # one generator per process drives every random draw of the method
-        self.state = TrainState(torch.Generator().manual_seed(tr.seed + 1 + acc.process_index))
+        self.state = TrainState(RunRNG(tr.seed + 1, acc.device, acc.process_index, acc.num_processes))
         acc.register_for_checkpointing(self.state)
 
         s = cfg.student
         Ks = s.unify or [s.steps]
         self.method = TDM(cfg.tdm, family.schedule, family.teacher, family.wrap(student_net), family.wrap(fake_net),
                           cfg.teacher.guidance, Ks, GridSpec(s.grid, s.grid_N, s.grid_shift),
-                          k_conditioning=bool(s.unify))
-        self.grad_norms: dict[str, float] = {}
+                          k_conditioning=bool(s.unify), fixed_shapes=tr.compile)
+        self.grad_norms: dict[str, torch.Tensor] = {}
 
     # -- one optimiser step of a role, called by the method ------------------------------
     def _update(self, role: str, loss: torch.Tensor) -> None:
@@ -107,7 +131,9 @@ class Trainer:
             role_net.activate()
         acc.backward(loss)
         clip = self.cfg.optim.grad_clip if role == "student" and self.cfg.optim.grad_clip > 0 else float("inf")
-        self.grad_norms[role] = float(acc.clip_grad_norm_(net.parameters(), clip))
+        params = net.parameters() if acc.distributed_type == DistributedType.FSDP else [
+            p for group in opt.param_groups for p in group["params"]]
+        self.grad_norms[role] = acc.clip_grad_norm_(params, clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -140,10 +166,11 @@ class Trainer:
 
     def save_student(self) -> Path:
         """Final student weights (EMA if enabled) for `tdm sample` / `tdm eval`."""
-        net = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.student_net)
+        acc = self.accelerator
+        state = self.ema.module.state_dict() if self.ema is not None else acc.get_state_dict(self.student_net)
         path = self.run_dir / "student.safetensors"
-        if self.accelerator.is_main_process:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
+        if acc.is_main_process:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(path))
         return path
 
     def preview(self) -> None:
@@ -151,32 +178,45 @@ class Trainer:
         if not (self.accelerator.is_main_process and hasattr(self.family, "preview")):
             return
         s = self.cfg.student
-        grid_of = lambda K: timestep_grid(K, GridSpec(s.grid, s.grid_N, s.grid_shift), self.family.schedule.T,  # noqa: E731
-                                          self.family.schedule.discrete)
+
+        def grid_of(K: int) -> torch.Tensor:
+            return timestep_grid(K, GridSpec(s.grid, s.grid_N, s.grid_shift), self.family.schedule.T,
+                                 self.family.schedule.discrete)
+
         path = self.run_dir / "previews" / f"step_{self.state.step:07d}.png"
-        image = self.family.preview(self.method.student, grid_of, path)
+        with self.accelerator.autocast():
+            image = self.family.preview(self.method.student, grid_of, path)
         for tracker in self.accelerator.trackers:
             tracker.log_images({"preview": image.permute(1, 2, 0).numpy()}, step=self.state.step, dataformats="HWC")
 
     # -- the loop ------------------------------------------------------------------------
-    def _step(self, log_path: Path, t0: float) -> dict:
-        acc, tr = self.accelerator, self.cfg.train
-        gen, B = self.state.generator, tr.batch_size
-        cond, uncond = self.family.sample_cond(B, gen)
-        x_T = torch.randn(self.family.sample_shape(B), generator=gen).to(acc.device)
+    def _step(self) -> dict:
+        """One iteration on this process's share of the global batch; its metrics stay on the device."""
+        acc, tr, rng = self.accelerator, self.cfg.train, self.state.rng
+        B = tr.batch_size // acc.num_processes
+        cond, uncond = (rng.local(c) for c in self.family.sample_cond(tr.batch_size, rng.host))
+        x_T = rng.randn(self.family.sample_shape(B))
         with acc.autocast():
-            m = self.method.iteration(x_T, cond, uncond, self._update, gen)
+            m = self.method.iteration(x_T, cond, uncond, self._update, rng)
         self.state.step += 1
-        m.update({f"grad_norm_{k}": v for k, v in self.grad_norms.items()})
-        m.update(step=self.state.step, wall_s=time.perf_counter() - t0)
-        if self.state.step % tr.log_every == 0 or self.state.step == tr.iterations:
-            acc.log({k: v for k, v in m.items() if k != "step"}, step=self.state.step)
-            if acc.is_main_process:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(m) + "\n")
+        m.update({f"grad_norm_{k}": v for k, v in self.grad_norms.items()}, step=self.state.step)
+        return m
+
+    def _log(self, m: dict, log_path: Path, t0: float) -> dict:
+        """Metrics averaged over processes, read from the device, written to the log and the trackers."""
+        acc = self.accelerator
+        keys = [k for k, v in m.items() if torch.is_tensor(v)]
+        mean = acc.reduce(torch.stack([m[k].float() for k in keys]), "mean") if acc.num_processes > 1 else None
+        m = _floats({**m, **dict(zip(keys, mean))} if mean is not None else m)
+        m["wall_s"] = time.perf_counter() - t0
+        acc.log({k: v for k, v in m.items() if k != "step"}, step=self.state.step)
+        if acc.is_main_process:
+            with log_path.open("a") as f:
+                f.write(json.dumps(m) + "\n")
         return m
 
     def train(self) -> list[dict]:
+        """Run to `train.iterations`; returns this process's metrics per iteration."""
         acc, tr = self.accelerator, self.cfg.train
         resumed = self.resume()
         flat = {f"{sec}.{k}": str(v) if isinstance(v, (list, type(None))) else v
@@ -184,17 +224,20 @@ class Trainer:
         acc.init_trackers("tdm", config=flat)
         log_path = self.run_dir / "train_log.jsonl"
         history: list[dict] = []
-        bar = tqdm(total=tr.iterations, initial=self.state.step, desc="TDM", disable=not (tr.progress and acc.is_main_process))
+        bar = tqdm(total=tr.iterations, initial=self.state.step, desc="TDM",
+                   disable=not (tr.progress and acc.is_main_process))
         if resumed:
             bar.write(f"resumed from step {self.state.step}")
         t0 = time.perf_counter()
         try:
             while self.state.step < tr.iterations:
-                m = self._step(log_path, t0)
+                m = self._step()
                 history.append(m)
                 bar.update(1)
-                bar.set_postfix(L_F=f"{m['loss_fake']:.3g}", L_G=f"{m['loss_student']:.3g}", D=f"{m['D']:.3g}",
-                                fwd=m["forwards"])
+                if self.state.step % tr.log_every == 0 or self.state.step == tr.iterations:
+                    logged = self._log(m, log_path, t0)
+                    bar.set_postfix(L_F=f"{logged['loss_fake']:.3g}", L_G=f"{logged['loss_student']:.3g}",
+                                    D=f"{logged['D']:.3g}", fwd=logged["forwards"])
                 if self.state.step % tr.checkpoint_every == 0 or self.state.step == tr.iterations:
                     self.save_checkpoint()
                 if tr.preview_every and self.state.step % tr.preview_every == 0:
@@ -206,4 +249,5 @@ class Trainer:
         bar.close()
         self.save_student()
         acc.end_training()
-        return history
+        return [_floats(m) for m in history]
+

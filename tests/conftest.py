@@ -17,3 +17,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change; a real run is one process,
+    a test session runs many runs (fp32 toy, bf16 diffusers presets), so each test starts from a fresh one
+    (as accelerate's own test cases do)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

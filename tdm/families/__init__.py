@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from ..config import Config
 
 FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox")
@@ -22,8 +24,9 @@ def family_class(name: str):
     return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
-def build_family(cfg: Config, device="cpu", run_dir=None):
-    """The adapter of `cfg.teacher.family`; `run_dir` holds caches (prompt embeddings)."""
+def build_family(cfg: Config, device="cpu", run_dir=None, dtype: torch.dtype = torch.float32):
+    """The adapter of `cfg.teacher.family`; `run_dir` holds caches (prompt embeddings); frozen networks are held
+    in `dtype` (the toy teacher is exact maths in float64)."""
     if cfg.teacher.family == "toy":
         from .toy import ToyFamily
 
@@ -31,7 +34,7 @@ def build_family(cfg: Config, device="cpu", run_dir=None):
     if cfg.teacher.family == "digits":
         from .digits import DigitsFamily
 
-        return DigitsFamily(cfg, device)
+        return DigitsFamily(cfg, device, dtype)
     if cfg.teacher.family in _DIFFUSERS:
-        return family_class(cfg.teacher.family)(cfg, device, run_dir)
+        return family_class(cfg.teacher.family)(cfg, device, run_dir, dtype)
     raise ValueError(f"unknown teacher family {cfg.teacher.family!r}; available: {', '.join(FAMILIES)}")

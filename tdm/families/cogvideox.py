@@ -53,7 +53,7 @@ class CogVideoXFamily(DiffusersFamily):
     @torch.no_grad()
     def encode_prompts(self, path: Path, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
         # CogVideoXPipeline.encode_prompt: T5 last hidden state, padded to 226 tokens, no attention mask.
-        pipe = text_only_pipeline(path, self.pipeline_class).to(self.device)
+        pipe = text_only_pipeline(path, self.pipeline_class, self.dtype).to(self.device)
         out = []
         for i in range(0, len(prompts), batch_size):
             e, _ = pipe.encode_prompt(prompts[i : i + batch_size], do_classifier_free_guidance=False,
@@ -75,20 +75,16 @@ class CogVideoXFamily(DiffusersFamily):
         return net(hidden_states=x_t, encoder_hidden_states=cond["prompt_embeds"].to(x_t.dtype),
                    timestep=t.to(torch.float32), image_rotary_emb=self._rotary(net, x_t)).sample
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, F_lat, C, h, w) latents -> (B, 3, H, W) in [0, 1]: the video's FIRST frame, exactly as the full decode
         gives it. The VAE decodes latent frames in chunks (causal convs carry a cache forward; GroupNorm spans a
-        chunk), so decoding the first chunk alone is exact, at a fraction of the cost of the whole clip on the CPU."""
-        if not hasattr(self, "_vae"):
-            from diffusers import AutoencoderKLCogVideoX
-
-            self._vae = AutoencoderKLCogVideoX.from_pretrained(self.path, subfolder="vae", local_files_only=True).eval()
-        vae = self._vae
+        chunk), so decoding the first chunk alone is exact, at a fraction of the cost of the whole clip."""
+        vae = self.vae
         F, chunk = latents.shape[1], vae.num_latent_frames_batch_size
         first = F if F < chunk else chunk + F % chunk  # AutoencoderKLCogVideoX._decode's first chunk
-        z = latents[:, :first].float().cpu().permute(0, 2, 1, 3, 4) / vae.config.scaling_factor  # [B, C, F, h, w]
-        with torch.no_grad():
-            return (vae.decode(z).sample[:, :, 0] / 2 + 0.5).clamp(0, 1)
+        z = latents[:, :first].to(self.device, self.dtype).permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+        return torch.cat([(vae.decode(zi[None]).sample[:, :, 0] / 2 + 0.5).clamp(0, 1).float().cpu() for zi in z])
 
     def latent_shape(self) -> tuple[int, ...]:
         # teacher.resolution is the HEIGHT; the width keeps the teacher's native aspect ratio (CogVideoX-2B/5B:

@@ -8,7 +8,6 @@ teacher is the same base with adapters disabled, so the big network is held once
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -36,20 +35,34 @@ def vae_shape(path: Path, resolution: int) -> tuple[int, int]:
     return vae["latent_channels"], resolution // factor
 
 
-def select_adapter(base: nn.Module, adapter: str | None) -> None:
-    """Route the base through one adapter, or none (the teacher), keeping every LoRA weight trainable.
+class LoRARoles:
+    """Routes one base carrying the adapters 'student' and 'fake' through one role at a time (None = the
+    teacher, adapters off).
 
-    peft toggles `requires_grad` when switching adapters; the graph of a role that was switched away
-    from must still receive its gradients, so the flags are restored.
+    peft's model-level switches walk every module and rescan every parameter, several times per iteration;
+    here the LoRA layers are found once and the current role is remembered, so re-selecting it is free.
+    peft clears `requires_grad` of the layers it switches away from: a role is therefore selected again
+    before its backward (`RoleNet.activate`).
     """
-    if adapter is None:
-        base.disable_adapters()
-    else:
-        base.enable_adapters()
-        base.set_adapter(adapter)
-    for name, p in base.named_parameters():
-        if "lora_" in name:
-            p.requires_grad_(True)
+
+    def __init__(self, base: nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
+        self.current: str | None | bool = False  # False: unknown
+
+    def select(self, role: str | None) -> None:
+        if role == self.current:
+            return
+        switch_on = role is not None and self.current in (None, False)  # adapters may be off (teacher)
+        for layer in self.layers:
+            if role is None:
+                layer.enable_adapters(False)
+                continue
+            if switch_on:
+                layer.enable_adapters(True)
+            layer.set_adapter(role)
+        self.current = role
 
 
 class RoleNet(nn.Module):
@@ -59,7 +72,8 @@ class RoleNet(nn.Module):
         super().__init__()
         self.base = base
         self.adapter = adapter
-        self._call = family.call
+        self._roles = family.roles if base is family.base else None  # full copies carry no adapters
+        self._call = torch.compile(family.call) if family.cfg.train.compile else family.call
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, **extra) -> torch.Tensor:
         if extra:
@@ -70,8 +84,8 @@ class RoleNet(nn.Module):
     def activate(self) -> None:
         """Route the shared base through this role. The trainer calls it again before this role's
         backward: gradient checkpointing recomputes the forward then, after other roles ran."""
-        if getattr(self.base, "_hf_peft_config_loaded", False):
-            select_adapter(self.base, self.adapter)
+        if self._roles is not None:
+            self._roles.select(self.adapter)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.adapter is None:
@@ -139,7 +153,8 @@ class DiffusersFamily:
         raise NotImplementedError
 
     # -- shared machinery -----------------------------------------------------------------
-    def __init__(self, cfg: Config, device: torch.device | str = "cpu", run_dir: str | Path | None = None):
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu", run_dir: str | Path | None = None,
+                 dtype: torch.dtype = torch.float32):
         if cfg.student.unify:
             raise ValueError("TDM-unify's K embedding is not wired into diffusers networks yet")
         if cfg.optim.ema > 0 and cfg.lora.enabled:
@@ -150,26 +165,39 @@ class DiffusersFamily:
             raise ValueError("set teacher.path (or --teacher PATH) to a local diffusers folder")
         self.cfg = cfg
         self.device = torch.device(device)
+        self.dtype = dtype                  # frozen networks: base, teacher, text encoders, VAE
         self.path = Path(cfg.teacher.path)
         if not (self.path / "model_index.json").exists():
             raise FileNotFoundError(f"{self.path} is not a diffusers pipeline folder (no model_index.json)")
         self.schedule = self.load_schedule(self.path)
-        self.base = self.network_class.from_pretrained(self.path, subfolder=self.network_folder,
-                                                       local_files_only=True).to(self.device)
-        self.base.requires_grad_(False)
-        if cfg.train.gradient_checkpointing:
-            self.base.enable_gradient_checkpointing()
-        if cfg.lora.enabled:
-            self._add_lora_adapters()
-        self.teacher = self.wrap(RoleNet(self, self.base, None))
+        # Prompts first: the text encoders (T5-XXL alone holds 9 GiB in bf16) are gone before the network loads.
         prompts = read_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
         cache = Path(run_dir) if run_dir is not None else self.path
         emb = cached_embeddings(prompts, lambda p: self.encode_prompts(self.path, p), cache,
-                                key=f"{self.path.resolve()}:{type(self).__name__}")
+                                key=f"{self.path.resolve()}:{type(self).__name__}:{dtype}")
         self.embeddings = {k: v.to(self.device) for k, v in emb.items()}
         self.prompts = prompts
+        self.base = self._load_network(dtype)
+        self.roles = None
+        if cfg.lora.enabled:
+            self._add_lora_adapters()
+        if not cfg.train.teacher_offload:
+            self.base.to(self.device)
+        self.teacher = self.wrap(RoleNet(self, self.base, None))
+
+    def _load_network(self, dtype: torch.dtype) -> nn.Module:
+        """The teacher's network from its folder, frozen, in `dtype`, on the CPU, with the run's switches."""
+        net = self.network_class.from_pretrained(self.path, subfolder=self.network_folder, local_files_only=True,
+                                                 dtype=dtype).requires_grad_(False)
+        if self.cfg.train.gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+        if self.cfg.train.channels_last and self.network_folder == "unet":
+            net.to(memory_format=torch.channels_last)  # NHWC convolutions: cuDNN's fast path for UNets
+        return net
 
     def _add_lora_adapters(self) -> None:
+        """Adapters 'student' and 'fake' on the frozen base. Their weights stay fp32 whatever the base's dtype
+        (peft casts them to it): the optimiser updates fp32 weights, autocast computes in the low precision."""
         from peft import LoraConfig
 
         lc = self.cfg.lora
@@ -177,6 +205,11 @@ class DiffusersFamily:
         for role in ROLES:
             self.base.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, target_modules=targets,
                                              init_lora_weights="gaussian"), adapter_name=role)
+        for name, p in self.base.named_parameters():
+            if "lora_" in name:  # trainable now: data-parallel wrappers register what requires grad
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        self.roles = LoRARoles(self.base)
 
     def sample_shape(self, n: int) -> tuple[int, ...]:
         return (n, *self.latent_shape())
@@ -196,14 +229,21 @@ class DiffusersFamily:
         return self.base
 
     def student_and_fake(self, base: nn.Module) -> tuple[RoleNet, RoleNet]:
-        """LoRA: two views of the one base. Full: two trainable copies (the teacher stays frozen)."""
+        """LoRA: two views of the one base, each data-parallel over its own adapter only. Full: two trainable
+        fp32 networks loaded afresh (a copy of a low-precision teacher would be rounded); the teacher stays frozen."""
         if self.cfg.lora.enabled:
-            return RoleNet(self, base, "student"), RoleNet(self, base, "fake")
-        nets = tuple(RoleNet(self, copy.deepcopy(base).requires_grad_(True), None) for _ in ROLES)
+            nets = RoleNet(self, base, "student"), RoleNet(self, base, "fake")
+            for net in nets:
+                own = set(net._adapter_params())
+                net._ddp_params_and_buffers_to_ignore = [n for n, _ in net.named_parameters() if n not in own] + [
+                    n for n, _ in net.named_buffers()]
+            return nets
+        nets = tuple(RoleNet(self, self._load_network(torch.float32).requires_grad_(True).to(self.device), None)
+                     for _ in ROLES)
         if self.cfg.train.teacher_offload:
             from accelerate import cpu_offload
 
-            cpu_offload(base, execution_device=self.device)  # weights to the device per forward, then back
+            cpu_offload(self.base, execution_device=self.device)  # weights to the device per forward, then back
         return nets
 
     def new_net(self) -> nn.Module:
@@ -213,16 +253,23 @@ class DiffusersFamily:
         return Denoiser(net, self.schedule, self.prediction_type, learned_sigma=self.learned_sigma)
 
     # -- previews -------------------------------------------------------------------------
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1] with the teacher's VAE (loaded on first use, kept on the CPU)."""
+    @property
+    def vae(self) -> nn.Module:
+        """The teacher's VAE on the device in the frozen networks' dtype, loaded on first use."""
         if not hasattr(self, "_vae"):
-            from diffusers import AutoencoderKL
+            import diffusers
 
-            self._vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", local_files_only=True).eval()
-        vae = self._vae
-        z = latents.float().cpu() / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
-        with torch.no_grad():
-            return (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+            folder = self.path / "vae"
+            cls = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
+            self._vae = cls.from_pretrained(folder, local_files_only=True, dtype=self.dtype).to(self.device).eval()
+        return self._vae
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], one at a time (a 1024 px decode holds gigabytes), as float32 on the CPU."""
+        c = self.vae.config
+        z = latents.to(self.device, self.dtype) / c.scaling_factor + (c.get("shift_factor") or 0.0)
+        return torch.cat([(self.vae.decode(zi[None]).sample / 2 + 0.5).clamp(0, 1).float().cpu() for zi in z])
 
     def preview(self, student: Denoiser, grid_of, path: Path, n_prompts: int = 4, Ks=(1, 2, 4)) -> torch.Tensor:
         """Fixed prompts and noise, the student at each K, decoded: one row per K; returns the image (3, H, W)."""

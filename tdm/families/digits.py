@@ -31,14 +31,15 @@ class DigitsFamily:
     teacher_steps = (1, 2, 4, 8, 25, 50)   # teacher sampler steps that `tdm eval` measures
     student_eval_Ks = (1, 2, 4)            # the student is shown at these K whatever it was trained for
 
-    def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if cfg.student.unify:
             raise ValueError("the digits family has no step-count embedding; TDM-unify needs the toy family for now")
         self.cfg = cfg
         self.device = torch.device(device)
         self.teacher_net, self.schedule, self.teacher_info = load_teacher(teacher_dir(cfg.teacher.path))
         self.teacher_net.requires_grad_(False).eval().to(self.device)
-        self.teacher = Denoiser(self.teacher_net, self.schedule, "epsilon")
+        self.frozen_teacher = copy.deepcopy(self.teacher_net).to(dtype)  # students start from the fp32 weights
+        self.teacher = Denoiser(self.frozen_teacher, self.schedule, "epsilon")
         self._evaluator = None
 
     @property
@@ -85,7 +86,7 @@ class DigitsFamily:
 
     def trajectory_quality(self, traj, labels: torch.Tensor, generator: torch.Generator) -> None:
         """The classifier only knows clean digits, so trajectory points are not scored for images."""
-        return None
+        return
 
     def figures(self, run_dir: Path, samples: dict, labels: torch.Tensor, metrics: dict) -> None:
         """`grid.png` (teacher at its most steps with CFG beside the student at each K), `quality.png`, `report.md`."""

@@ -46,13 +46,13 @@ class PixArtFamily(DiffusersFamily):
     def network_class(self):
         return lora_capable_transformer()
 
-    def __init__(self, cfg, device="cpu", run_dir=None):
-        super().__init__(cfg, device, run_dir)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         # The 1024 px model (sample_size 128) takes micro-conditions; the stock pipeline passes the
         # (binned) pixel height/width and their ratio, i.e. for our square resolution r: (r, r) and 1.0.
         # The 256/512 px models take none (added_cond_kwargs values None).
         if self.base.use_additional_conditions:
-            r = float(cfg.teacher.resolution)
+            r = float(self.cfg.teacher.resolution)
             n = self.embeddings["prompt_embeds"].shape[0]
             self.embeddings["resolution"] = torch.tensor([r, r], device=self.device).expand(n, 2)
             self.embeddings["aspect_ratio"] = torch.ones(n, 1, device=self.device)
@@ -66,15 +66,16 @@ class PixArtFamily(DiffusersFamily):
         from diffusers import PixArtAlphaPipeline
         from diffusers.utils import is_bs4_available, is_ftfy_available
 
-        pipe = PixArtAlphaPipeline.from_pretrained(path, transformer=None, vae=None, local_files_only=True)
+        pipe = PixArtAlphaPipeline.from_pretrained(path, transformer=None, vae=None, local_files_only=True,
+                                                   dtype=self.dtype).to(self.device)
         clean = is_bs4_available() and is_ftfy_available()  # what clean_caption=True falls back to, minus the warning
         embeds, masks = [], []
         for i in range(0, len(prompts), batch_size):
             e, m, _, _ = pipe.encode_prompt(prompts[i : i + batch_size], do_classifier_free_guidance=False,
-                                            device="cpu", clean_caption=clean,
+                                            device=self.device, clean_caption=clean,
                                             max_sequence_length=MAX_SEQUENCE_LENGTH)
-            embeds.append(e.float())
-            masks.append(m)
+            embeds.append(e.float().cpu())
+            masks.append(m.cpu())
         return {"prompt_embeds": torch.cat(embeds), "prompt_attention_mask": torch.cat(masks)}
 
     def call(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -20,12 +20,13 @@ class SD15Family(DiffusersFamily):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-        enc = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True).eval()
+        enc = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True,
+                                            dtype=self.dtype).to(self.device).eval()
         out = []
         for i in range(0, len(prompts), batch_size):
             ids = tok(prompts[i : i + batch_size], padding="max_length", max_length=tok.model_max_length,
                       truncation=True, return_tensors="pt").input_ids
-            out.append(enc(ids)[0].float())
+            out.append(enc(ids.to(self.device))[0].float().cpu())
         return {"prompt_embeds": torch.cat(out)}
 
     def call(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:

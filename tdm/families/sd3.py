@@ -15,13 +15,13 @@ from ..schedules import FlowSchedule
 from .diffusers_base import DiffusersFamily, scheduler_config, vae_shape
 
 
-def text_only_pipeline(path: Path, pipeline_class: str, skip=("transformer", "vae")):
+def text_only_pipeline(path: Path, pipeline_class: str, dtype: torch.dtype, skip=("transformer", "vae")):
     """The teacher's own pipeline without its big network and VAE, so prompts are encoded by the
     pipeline's `encode_prompt` itself, bit for bit as inference will encode them."""
     import diffusers
 
     cls = getattr(diffusers, pipeline_class)
-    return cls.from_pretrained(path, local_files_only=True, **{name: None for name in skip})
+    return cls.from_pretrained(path, local_files_only=True, dtype=dtype, **{name: None for name in skip})
 
 
 class SD3Family(DiffusersFamily):
@@ -44,7 +44,7 @@ class SD3Family(DiffusersFamily):
         # StableDiffusion3Pipeline.encode_prompt: both CLIPs' hidden_states[-2] concatenated and zero-padded
         # to T5's width (77 tokens) + 256 T5 tokens; pooled = both CLIP projections concatenated. The empty
         # prompt (last) is encoded the same way, as the pipeline encodes its default negative prompt "".
-        pipe = text_only_pipeline(path, self.pipeline_class).to(self.device)  # T5-XXL is slow on CPU
+        pipe = text_only_pipeline(path, self.pipeline_class, self.dtype).to(self.device)
         if pipe.text_encoder_3 is None:  # the pipeline would need the transformer's config to zero-fill T5
             raise ValueError(f"{path} has no text_encoder_3 (T5); SD3 without T5 is not supported")
         emb, pooled = [], []

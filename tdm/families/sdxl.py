@@ -16,12 +16,12 @@ class SDXLFamily(DiffusersFamily):
     network_folder = "unet"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
-    def __init__(self, cfg, device="cpu", run_dir=None):
-        super().__init__(cfg, device, run_dir)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         # SDXL's micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w), what the
         # stock pipeline builds for an un-cropped square image at its height/width (original = target =
         # size, crop 0). Built here rather than cached with the prompts: it depends on the resolution.
-        r = float(cfg.teacher.resolution)
+        r = float(self.cfg.teacher.resolution)
         n = next(iter(self.embeddings.values())).shape[0]
         self.embeddings["time_ids"] = torch.tensor([r, r, 0.0, 0.0, r, r], device=self.device).expand(n, 6)
 
@@ -32,13 +32,14 @@ class SDXLFamily(DiffusersFamily):
         `text_embeds` (B, d_proj) -- identical to what `pipe(prompt)` feeds the UNet, by construction."""
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, unet=None, vae=None, local_files_only=True)
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, unet=None, vae=None, local_files_only=True,
+                                                         dtype=self.dtype).to(self.device)
         embeds, pooled = [], []
         for i in range(0, len(prompts), batch_size):
-            e, _, p, _ = pipe.encode_prompt(prompts[i : i + batch_size], device="cpu",
+            e, _, p, _ = pipe.encode_prompt(prompts[i : i + batch_size], device=self.device,
                                             do_classifier_free_guidance=False)
-            embeds.append(e.float())
-            pooled.append(p.float())
+            embeds.append(e.float().cpu())
+            pooled.append(p.float().cpu())
         out = {"prompt_embeds": torch.cat(embeds), "pooled": torch.cat(pooled)}
         # The empty prompt (last row) is the teacher's unconditional branch (TDM-METHOD §1, CFG). With
         # `force_zeros_for_empty_prompt` (true for SDXL base 1.0) the stock pipeline does not encode "" for

@@ -9,6 +9,7 @@ import torch
 from ..config import TDMConfig
 from ..denoiser import Cond, Denoiser, cfg_denoise, take_cond
 from ..losses import fake_score_loss, generator_loss, importance_weight, min_snr_weight
+from ..rng import RunRNG
 from ..samplers import ddim_step
 from ..schedules import GridSpec, Schedule, timestep_grid
 
@@ -19,7 +20,7 @@ class TDM:
     """Owns the student grid(s) and the sampling of k, t_m and tau; the trainer owns the optimisers."""
 
     def __init__(self, cfg: TDMConfig, schedule: Schedule, teacher: Denoiser, student: Denoiser, fake: Denoiser,
-                 guidance: float, Ks: list[int], grid: GridSpec, k_conditioning: bool):
+                 guidance: float, Ks: list[int], grid: GridSpec, k_conditioning: bool, fixed_shapes: bool = False):
         self.cfg = cfg
         self.schedule = schedule
         self.teacher = teacher                  # frozen, CFG scale `guidance`
@@ -28,68 +29,75 @@ class TDM:
         self.guidance = guidance
         self.Ks = Ks                            # one K, or TDM-unify's set (§6)
         self.k_conditioning = k_conditioning    # student and fake see K (§6)
+        self.fixed_shapes = fixed_shapes        # roll out the whole batch at every step (torch.compile)
         self.grids = {K: timestep_grid(K, grid, schedule.T, schedule.discrete) for K in Ks}
 
-    # -- sampling of times (§4 steps 2-3) ----------------------------------------------------
-    def _uniform(self, lo: torch.Tensor, hi: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # -- sampling of times (§4 steps 2-3), on the host ---------------------------------------
+    def _uniform(self, lo: torch.Tensor, hi: torch.Tensor, rng: RunRNG) -> torch.Tensor:
         """Uniform in [lo, hi], drawn in un-shifted time (§5) and integer for VP teachers."""
-        r = torch.rand(lo.shape, generator=gen, dtype=torch.float64)
+        r = rng.rand(lo.shape[0])
         if self.schedule.discrete:
             return torch.minimum(torch.floor(lo + r * (hi - lo + 1)), hi)
         u_lo, u_hi = self.schedule.unwarp(lo), self.schedule.unwarp(hi)
         return self.schedule.warp(u_lo + r * (u_hi - u_lo))
 
-    def sample_t_m_tau(self, t_k: torch.Tensor, t_prev: torch.Tensor, gen: torch.Generator):
+    def sample_t_m_tau(self, t_k: torch.Tensor, t_prev: torch.Tensor, rng: RunRNG):
         """Next time `t_m` of the step and the diffusion time `tau` inside its segment."""
         c = self.cfg
         if c.interval == "randmid":
-            t_m = self._uniform(t_prev, (t_k - c.randmid_margin - 1).clamp_min(t_prev), gen)
+            t_m = self._uniform(t_prev, (t_k - c.randmid_margin - 1).clamp_min(t_prev), rng)
         else:
             t_m = t_prev
         lo = t_m.clamp_min(c.tau_min)
         top = torch.full_like(t_k, self.schedule.T - c.tau_margin) if c.interval == "shared" else t_k - c.tau_margin
-        return t_m, self._uniform(lo, top.clamp_min(lo), gen)
+        return t_m, self._uniform(lo, top.clamp_min(lo), rng)
 
     def diffuse(self, x0_hat: torch.Tensor, eps_hat: torch.Tensor, t_m: torch.Tensor, tau: torch.Tensor,
-                gen: torch.Generator):
+                rng: RunRNG):
         """`x_m` = the student's next point at `t_m`, then `x_tau = transition(x_m, t_m -> tau, xi)`."""
         x_m = ddim_step(self.schedule, x0_hat, eps_hat, t_m)
-        xi = torch.randn(x_m.shape, generator=gen, device=x_m.device, dtype=x_m.dtype)
+        xi = rng.randn(x_m.shape, x_m.dtype)
         return self.schedule.transition(x_m, t_m, tau, xi), xi
 
     # -- one iteration (§4) --------------------------------------------------------------
     def iteration(self, x_T: torch.Tensor, cond: Cond, uncond: Cond, update: Update,
-                  gen: torch.Generator) -> dict[str, float]:
+                  rng: RunRNG) -> dict[str, torch.Tensor | int | float]:
+        """One iteration; metrics stay on the device (reading them waits for it: the trainer does so at log steps).
+
+        Steps, times and row indices are drawn and computed on the host, so the device is never waited on.
+        """
         B, device = x_T.shape[0], x_T.device
-        K = self.Ks[torch.randint(len(self.Ks), (1,), generator=gen).item()]
+        K = self.Ks[rng.choice(len(self.Ks))]
         grid = self.grids[K]                                        # [t_K, ..., t_1, 0]
         extra = {"k_steps": torch.tensor(K, device=device)} if self.k_conditioning else {}
-        k_F = torch.randint(1, K + 1, (B,), generator=gen)         # step of the fake update
-        k_G = torch.randint(1, K + 1, (B,), generator=gen)         # fresh step of the generator update
+        k_F = rng.randint(1, K + 1, B)                              # step of the fake update
+        k_G = rng.randint(1, K + 1, B)                              # fresh step of the generator update
         for net in (self.student, self.fake, self.teacher):
             net.reset_counters()
 
         # 1. Rollout without grad, only as deep as each sample needs: the fake update needs the
-        #    prediction at step k_F, the generator update needs the point x_{t_{k_G}}.
+        #    prediction at step k_F, the generator update needs the point x_{t_{k_G}}. With
+        #    `fixed_shapes` every step runs on the whole batch (one graph shape for torch.compile).
         need = torch.minimum(k_F, k_G + 1)
         x, x_G = x_T.clone(), torch.empty_like(x_T)
         x0_F_target, eps_F_target = torch.empty_like(x_T), torch.empty_like(x_T)
         with torch.no_grad():
             for k in range(K, 0, -1):
-                at_G = (k_G == k).to(device)
-                x_G[at_G] = x[at_G]
-                rows = (need <= k).nonzero().squeeze(1).to(device)
-                if len(rows) == 0:
+                _put(x_G, k_G == k, x)
+                if k < int(need.min()):
                     break
-                x0_hat, eps_hat = self.student(x[rows], grid[K - k], take_cond(cond, rows), **extra)
-                at_k = k_F.to(device)[rows] == k
-                x0_F_target[rows[at_k]], eps_F_target[rows[at_k]] = x0_hat[at_k], eps_hat[at_k]
+                rows = torch.arange(B) if self.fixed_shapes else (need <= k).nonzero().squeeze(1)
+                x0_hat, eps_hat = self.student(_take(x, rows), grid[K - k], take_cond(cond, _index(rows, B, device)),
+                                               **extra)
+                at_k = (k_F[rows] == k).nonzero().squeeze(1)
+                _put(x0_F_target, rows[at_k], _take(x0_hat, at_k))
+                _put(eps_F_target, rows[at_k], _take(eps_hat, at_k))
                 if k > 1:
-                    x[rows] = ddim_step(self.schedule, x0_hat, eps_hat, grid[K - k + 1])
+                    _put(x, rows, ddim_step(self.schedule, x0_hat, eps_hat, grid[K - k + 1]))
 
         # 2-4. Fake-score update on the rollout's own prediction at step k_F.
-        t_m, tau = self.sample_t_m_tau(grid[K - k_F], grid[K - k_F + 1], gen)
-        x_tau, xi = self.diffuse(x0_F_target, eps_F_target, t_m, tau, gen)
+        t_m, tau = self.sample_t_m_tau(grid[K - k_F], grid[K - k_F + 1], rng)
+        x_tau, xi = self.diffuse(x0_F_target, eps_F_target, t_m, tau, rng)
         x0_F, _ = self.fake(x_tau, tau, cond, **extra)
         w_IS = importance_weight(x_tau, x0_F_target, xi, self.schedule.alpha(tau), self.schedule.sigma(tau),
                                  self.cfg.importance_weight)
@@ -109,8 +117,8 @@ class TDM:
         # 5. Generator update: the single student step k_G with grad, matched at x_tau.
         t_k = grid[K - k_G]
         x0_hat, eps_hat = self.student(x_G, t_k, cond, **extra)
-        t_m, tau = self.sample_t_m_tau(t_k, grid[K - k_G + 1], gen)
-        x_tau, _ = self.diffuse(x0_hat.detach(), eps_hat.detach(), t_m, tau, gen)
+        t_m, tau = self.sample_t_m_tau(t_k, grid[K - k_G + 1], rng)
+        x_tau, _ = self.diffuse(x0_hat.detach(), eps_hat.detach(), t_m, tau, rng)
         with torch.no_grad():
             x0_w, _ = cfg_denoise(self.teacher, x_tau, tau, cond, uncond, self.guidance)
             x0_F, _ = self.fake(x_tau, tau, cond, **extra)
@@ -119,8 +127,28 @@ class TDM:
 
         counts = [net.reset_counters() for net in (self.student, self.fake, self.teacher)]
         return {
-            "loss_fake": L_F.item(), "loss_student": L_G.item(), "D": D.mean().item(),
-            "w_IS": w_IS.mean().item(), "K": K,
+            "loss_fake": L_F.detach(), "loss_student": L_G.detach(), "D": D.mean(), "w_IS": w_IS.mean(), "K": K,
             "forwards": sum(c for c, _ in counts),             # network calls (CFG batched = 1)
             "forwards_batch_equiv": sum(r for _, r in counts) / B,  # samples processed / batch size
         }
+
+
+# Row gathers with host-computed indices (no boolean masks, which wait on the device); a full batch is
+# passed through untouched.
+def _index(rows: torch.Tensor, B: int, device: torch.device) -> torch.Tensor | slice:
+    return slice(None) if len(rows) == B else rows.to(device)
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return x if len(rows) == x.shape[0] else x.index_select(0, rows.to(x.device))
+
+
+def _put(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """`x[rows] = values`, with `rows` a host index tensor or a boolean host mask."""
+    if rows.dtype == torch.bool:
+        rows = rows.nonzero().squeeze(1)
+        values = _take(values, rows)
+    if len(rows) == x.shape[0]:
+        x.copy_(values)
+    elif len(rows):
+        x.index_copy_(0, rows.to(x.device), values)
