@@ -212,8 +212,9 @@ def _coerce(value, tp, key: str):
     raise ValueError(f"{key} expects {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def set_field(cfg: Config, key: str, value) -> None:
-    """Set a dotted field such as `student.steps` with type checking."""
+def set_field(cfg: Config, key: str, value, raw: str | None = None) -> None:
+    """Set a dotted field such as `student.steps` with type checking. A text field takes the override's `raw`
+    text as written: YAML would read `train.mixed_precision=no` as False, `teacher.path=2024` as a number."""
     obj, *path = cfg, *key.split(".")
     for name in path[:-1]:
         if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
@@ -224,6 +225,8 @@ def set_field(cfg: Config, key: str, value) -> None:
     if name not in fields or dataclasses.is_dataclass(getattr(obj, name)):
         raise KeyError(f"unknown config field {key!r}; `tdm presets --show NAME` lists the fields")
     hints = typing.get_type_hints(type(obj))
+    if hints[name] is str and raw is not None and not isinstance(value, str):
+        value = raw.strip()
     setattr(obj, name, _coerce(value, hints[name], key))
 
 
@@ -236,7 +239,7 @@ def resolve(preset: str, overrides: list[str] | None = None) -> Config:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        set_field(cfg, key.strip(), yaml.safe_load(raw))
+        set_field(cfg, key.strip(), yaml.safe_load(raw), raw)
     validate(cfg)
     return cfg
 

@@ -47,3 +47,25 @@ def test_resume_matches_uninterrupted(family, tmp_path, one_thread):
     train(preset, tmp_path / "split", overrides(teacher, *extra, "train.iterations=2"))
     _, rest = train(preset, tmp_path / "split", overrides(teacher, *extra, "train.iterations=4"))
     assert [(m["loss_fake"], m["loss_student"]) for m in full[2:]] == [(m["loss_fake"], m["loss_student"]) for m in rest]
+
+
+def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path, one_thread):
+    """Mixed precision as the best LoRA trainers do it: the frozen base (the teacher) and the VAE in bf16, the LoRA
+    weights, their gradients and AdamW's moments in fp32; full mode trains fp32 copies beside a bf16 teacher."""
+    preset, teacher, extra = family
+    trainer, hist = train(preset, tmp_path / "lora", overrides(teacher, *extra, "train.iterations=1",
+                                                               "train.preview_every=1"))
+    assert trainer.cfg.train.mixed_precision == "bf16" and torch.isfinite(torch.tensor(hist[0]["loss_student"]))
+    frozen = {n: p for n, p in trainer.family.base.named_parameters() if "lora_" not in n}
+    lora = {n: p for n, p in trainer.family.base.named_parameters() if "lora_" in n}
+    assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen.values())
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    moments = [s[k] for opt in (trainer.opt_G, trainer.opt_F) for s in opt.state.values() for k in ("exp_avg",
+                                                                                                  "exp_avg_sq")]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.family.vae.parameters())
+
+    full, _ = train(preset, tmp_path / "full", overrides(teacher, *extra, "train.iterations=1", "lora.enabled=false"))
+    assert all(p.dtype == torch.bfloat16 for p in full.family.base.parameters())
+    for net in (full.student_net, full.fake_net):
+        assert all(p.dtype == torch.float32 and p.requires_grad for p in net.parameters())

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from tdm.config import resolve
@@ -109,3 +110,16 @@ def test_two_processes_with_torchrun(tmp_path):
     assert done.stdout.count("run directory") == 2
     assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [10]
     assert (run / "checkpoints" / "step_0000010" / "random_states_1.pkl").exists()  # both ranks' RNG saved
+
+
+def test_fixed_shape_rollout_computes_the_same_iteration(tmp_path, one_thread):
+    """`train.compile`'s rollout runs every step on the whole batch (one graph shape); it must compute what the
+    partial rollout computes, at more forwards."""
+    _, partial = _train(tmp_path, "partial", overrides=["train.iterations=4"])
+    trainer = Trainer(resolve("toy-gmm", TINY + ["train.iterations=4"]), tmp_path / "fixed")
+    trainer.method.fixed_shapes = True
+    fixed = trainer.train()
+    for a, b in zip(partial, fixed):
+        assert b["loss_fake"] == pytest.approx(a["loss_fake"], rel=1e-5)
+        assert b["loss_student"] == pytest.approx(a["loss_student"], rel=1e-5)
+    assert sum(m["forwards_batch_equiv"] for m in fixed) > sum(m["forwards_batch_equiv"] for m in partial)

@@ -234,7 +234,7 @@ class DiffusersFamily:
         if self.cfg.lora.enabled:
             nets = RoleNet(self, base, "student"), RoleNet(self, base, "fake")
             for net in nets:
-                own = set(net._adapter_params())
+                own = {f"base.{n}" for n in net._adapter_params()}
                 net._ddp_params_and_buffers_to_ignore = [n for n, _ in net.named_parameters() if n not in own] + [
                     n for n, _ in net.named_buffers()]
             return nets
