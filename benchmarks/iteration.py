@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from networks import NETWORKS, write_pipeline  # noqa: E402
 
 from tdm.config import resolve  # noqa: E402
-from tdm.denoiser import cfg_denoise  # noqa: E402
 from tdm.losses import fake_score_loss, generator_loss, importance_weight, min_snr_weight  # noqa: E402
 from tdm.samplers import ddim_step  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
@@ -122,7 +121,8 @@ def unit_costs(t: Trainer) -> tuple:
 
 
 class PhaseClock:
-    """Wall time per role call and per optimiser update of the library iteration (synchronising each: a separate run)."""
+    """Wall time per role call and per optimiser update of the library iteration (each synchronised: a separate
+    run from the timed one)."""
 
     def __init__(self, t: Trainer):
         self.t, self.s = t, {}
@@ -169,25 +169,38 @@ def switch_costs(t: Trainer, n: int = 20) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--network", default="medium", choices=sorted(NETWORKS))
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=6)
-    p.add_argument("--precision", default="no", choices=["no", "bf16"])
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    family, network, resolution = NETWORKS[args.network]
-    work = Path(tempfile.mkdtemp(prefix="tdm_iteration_"))
-    teacher = write_pipeline(work / "teacher", family, network)
+def syncs_per_iteration(t: Trainer, n: int = 2) -> float | None:
+    """CUDA only: host-device synchronisations per iteration, counted by torch's sync debug mode (no log step)."""
+    if t.accelerator.device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(n):
+                t._step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / n
+
+
+def measure(network: str, batch: int = 4, repeats: int = 6, precision: str = "no", extra: tuple[str, ...] = (),
+            work: Path | None = None) -> dict:
+    """Write the network's pipeline folder, build the trainer, time the iterations; returns the results."""
+    family, config, resolution = NETWORKS[network]
+    work = Path(work or tempfile.mkdtemp(prefix="tdm_iteration_"))
+    teacher = work / "teacher"
+    if not (teacher / "model_index.json").exists():
+        write_pipeline(teacher, family, config, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     cfg = resolve(family, [f"teacher.path={teacher}", f"data.prompts={work / 'prompts.txt'}",
-                           f"teacher.resolution={resolution}", f"train.batch_size={args.batch}",
-                           f"train.mixed_precision={args.precision}", "train.progress=false", "train.preview_every=0"])
-    t = Trainer(cfg, work / "run")
+                           f"teacher.resolution={resolution}", f"train.batch_size={batch}",
+                           f"train.mixed_precision={precision}", "train.progress=false", "train.preview_every=0",
+                           "train.log_every=1000000", "train.checkpoint_every=1000000", *extra])
+    run = work / f"run_{len(list(work.glob('run_*')))}"
+    t = Trainer(cfg, run)
     dev = t.accelerator.device
     forward, forward_backward = unit_costs(t)
     lib_equiv = []
@@ -203,42 +216,71 @@ def main() -> None:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = {k: [] for k in jobs}
-    for r in range(args.repeats):
+    for r in range(repeats):
         for name in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
             times[name].append(timed(jobs[name], dev))
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     med = {k: statistics.median(v) for k, v in times.items()}
     E = sum(lib_equiv) / len(lib_equiv)
     floor = (E - 2) * med["forward"] + 2 * med["forward+backward"]
     demo_floor = (11 - 2) * med["forward"] + 2 * med["forward+backward"]
+    syncs = syncs_per_iteration(t)
     clock = PhaseClock(t)
     for _ in range(2):
         t._step()
-    phases = {k: v / 2 for k, v in sorted(clock.s.items())}
-    res = {
-        "network": args.network, "parameters_M": round(sum(p.numel() for p in t.family.base.parameters()) / 1e6, 2),
-        "batch": args.batch, "precision": args.precision, "device": str(dev),
+    return {
+        "network": network, "parameters_M": round(sum(p.numel() for p in t.family.base.parameters()) / 1e6, 2),
+        "batch": batch, "precision": precision, "extra": list(extra), "device": str(dev),
         "host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "repeats": args.repeats, "seconds": times, "median_s": med,
+        "repeats": repeats, "seconds": times, "median_s": med,
         "forwards_batch_equiv": E, "floor_s": floor, "demo_floor_s": demo_floor,
         "ratio_to_demo": med["library"] / med["demo"], "above_floor": med["library"] / floor - 1,
-        "demo_above_floor": med["demo"] / demo_floor - 1, "phases_s": phases, "switch_ms": switch_costs(t),
-        "peak_GiB": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        "demo_above_floor": med["demo"] / demo_floor - 1, "phases_s": {k: v / 2 for k, v in sorted(clock.s.items())},
+        "switch_ms": switch_costs(t) if t.family.roles is not None else None, "syncs_per_iteration": syncs,
+        "peak_GiB": peak, "teacher": str(teacher), "config": cfg.to_dict(),
     }
-    print(f"\n{args.network} ({res['parameters_M']}M parameters), batch {args.batch}, {args.precision}, {dev}, "
-          f"{res['threads']} threads, median of {args.repeats} interleaved repeats\n")
-    print("| iteration | s/iteration | forwards (batch equiv.) | floor s | above floor | vs demo |")
-    print("|---|---|---|---|---|---|")
-    print(f"| library | {med['library']:.3f} | {E:.2f} | {floor:.3f} | {100 * res['above_floor']:+.1f}% | "
-          f"{res['ratio_to_demo']:.3f}x |")
-    print(f"| demo order | {med['demo']:.3f} | 11.00 | {demo_floor:.3f} | {100 * res['demo_above_floor']:+.1f}% | 1 |")
-    print(f"\nunit costs: forward {med['forward']:.4f} s, forward+backward {med['forward+backward']:.4f} s")
-    print("library phases (s per iteration): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
-    print("LoRA role switch (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res["switch_ms"].items()))
-    if res["peak_GiB"] is not None:
-        print(f"peak memory {res['peak_GiB']:.2f} GiB")
+
+
+def table(results: list[dict]) -> str:
+    """Markdown rows: one per measured setting, the library against the demo order on the same network."""
+    lines = ["| network | batch | precision | switches | library s/it | demo s/it | vs demo | floor s | above floor "
+             "| fwd equiv. | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        med, peak = r["median_s"], r["peak_GiB"]
+        lines.append(f"| {r['network']} ({r['parameters_M']}M) | {r['batch']} | {r['precision']} | "
+                     f"{' '.join(r['extra']) or '-'} | {med['library']:.3f} | {med['demo']:.3f} | "
+                     f"{r['ratio_to_demo']:.3f}x | {r['floor_s']:.3f} | {100 * r['above_floor']:+.1f}% | "
+                     f"{r['forwards_batch_equiv']:.2f} | {'-' if peak is None else f'{peak:.2f}'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--network", default="medium", choices=sorted(NETWORKS))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--precision", default="no", choices=["no", "bf16"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.enabled=false")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = measure(args.network, args.batch, args.repeats, args.precision, tuple(args.overrides))
+    med = res["median_s"]
+    print(f"\n{args.network} ({res['parameters_M']}M parameters), batch {args.batch}, {args.precision}, "
+          f"{res['device']}, {res['threads']} threads, median of {args.repeats} interleaved repeats\n")
+    print(table([res]))
+    print(f"\ndemo order above its own floor: {100 * res['demo_above_floor']:+.1f}%; unit costs: forward "
+          f"{med['forward']:.4f} s, forward+backward {med['forward+backward']:.4f} s")
+    print("library phases (s per iteration): " + ", ".join(f"{k} {v:.3f}" for k, v in res["phases_s"].items()))
+    if res["switch_ms"]:
+        print("LoRA role switch (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res["switch_ms"].items()))
+    if res["syncs_per_iteration"] is not None:
+        print(f"host-device synchronisations per iteration: {res['syncs_per_iteration']:.1f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"iteration-{args.network}-{dev.type}.json"
+    name = f"iteration-{args.network}-{res['device'].split(':')[0]}.json"
     (out / name).write_text(json.dumps(res, indent=2))
     print(f"wrote {out / name}")
 

@@ -35,7 +35,8 @@ class Run:
                              self.family.schedule.discrete)
 
 
-def load_run(run_dir: str | Path) -> Run:
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Run:
+    """A finished run's family and student on `device`, its frozen networks in `dtype`."""
     run_dir = Path(run_dir)
     for name in ("config.yaml", "student.safetensors"):
         if not (run_dir / name).exists():
@@ -43,9 +44,9 @@ def load_run(run_dir: str | Path) -> Run:
     cfg = Config.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     validate(cfg)
     cfg.train.progress = False
-    family = build_family(cfg, run_dir=run_dir)
+    family = build_family(cfg, device, run_dir, dtype)
     net = family.student_and_fake(family.new_net())[0]
-    net.load_state_dict(load_file(str(run_dir / "student.safetensors")))
+    net.load_state_dict(load_file(str(run_dir / "student.safetensors"), device=str(device)))
     return Run(cfg, family, family.wrap(net.eval()))
 
 

@@ -74,6 +74,9 @@ class Trainer:
         if tr.mixed_precision == "fp16" and acc.device.type == "cpu":
             raise ValueError("train.mixed_precision=fp16 needs a GPU (accelerate runs fp16 on the CPU as fp32); "
                              "use bf16 or no")
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError("DeepSpeed is not supported: the student and the fake score are two models with two "
+                             "optimisers; use DDP (LoRA mode) or FSDP (full mode) through accelerate launch")
         if tr.batch_size % acc.num_processes:
             raise ValueError(f"train.batch_size={tr.batch_size} is the global batch: it must be a multiple of the "
                              f"{acc.num_processes} processes")

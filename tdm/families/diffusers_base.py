@@ -74,12 +74,16 @@ class RoleNet(nn.Module):
         self.adapter = adapter
         self._roles = family.roles if base is family.base else None  # full copies carry no adapters
         self._call = torch.compile(family.call) if family.cfg.train.compile else family.call
+        self._dtype = family.dtype
+        self._no_split_modules = getattr(base, "_no_split_modules", None)  # FSDP shards block by block
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, **extra) -> torch.Tensor:
         if extra:
             raise ValueError(f"diffusers teachers take no extra conditioning yet, got {sorted(extra)}")
         self.activate()
-        return self._call(self.base, x_t, t, cond)
+        # the frozen networks' dtype is the compute dtype wherever the network runs (training, previews, eval)
+        with torch.autocast(x_t.device.type, self._dtype, enabled=self._dtype != torch.float32):
+            return self._call(self.base, x_t, t, cond)
 
     def activate(self) -> None:
         """Route the shared base through this role. The trainer calls it again before this role's
