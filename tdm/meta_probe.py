@@ -169,19 +169,20 @@ def probe_nets(family_cls, path: str, precision: str, lora: tuple | None) -> tup
 
 
 def _setup(family_cls, path, resolution, frames, lora, precision):
-    """The family, its three roles on the probe networks, the networks and their trainable parameters."""
+    """The family, the fake's and the teacher's roles on the probe networks, the networks, their trainable
+    parameters, and the two modes, live bytes counted from what exists now."""
     from .families.diffusers_base import RoleNet
 
     base, trainable = probe_nets(family_cls, path, precision, lora)
     fam = bare_family(family_cls, path, resolution, frames)
     fam.base = base
-    if lora:
-        roles = {"student": RoleNet(fam, base, "student"), "fake": RoleNet(fam, base, "fake")}
-    else:
-        roles = dict.fromkeys(("student", "fake"), RoleNet(fam, trainable, None))
-    roles["teacher"] = RoleNet(fam, base, None)
+    roles = {"fake": RoleNet(fam, base, "fake") if lora else RoleNet(fam, trainable, None),
+             "teacher": RoleNet(fam, base, None)}
     nets = [base] if trainable is None else [base, trainable]
-    return fam, roles, nets, [p for net in nets for p in net.parameters() if p.requires_grad]
+    params = [p for net in nets for p in net.parameters() if p.requires_grad]
+    mode = GPUSemantics(None if precision == "no" else DTYPES[precision], params)
+    track = LiveBytes(ignore=[t for net in nets for t in (*net.parameters(), *net.buffers())] + list(mode.casts.values()))
+    return fam, roles, nets, params, mode, track
 
 
 def _inputs(fam, n: int):
@@ -195,12 +196,9 @@ def grad_pass(family_cls, path: str, resolution: int, frames: int, lora: tuple |
               checkpointing: bool, B: int) -> tuple[int, int, int]:
     """A trainable role's forward with grad at B rows, then its backward: (peak during the forward, bytes
     it leaves saved for backward, peak during the backward, its gradients included)."""
-    dtype = None if precision == "no" else DTYPES[precision]
-    fam, roles, nets, trainable = _setup(family_cls, path, resolution, frames, lora, precision)
-    mode = GPUSemantics(dtype, trainable)
+    fam, roles, nets, trainable, mode, track = _setup(family_cls, path, resolution, frames, lora, precision)
     for net in nets:
         net.enable_gradient_checkpointing(mode.checkpoint) if checkpointing else net.disable_gradient_checkpointing()
-    track = LiveBytes(ignore=[t for net in nets for t in (*net.parameters(), *net.buffers())] + list(mode.casts.values()))
     with mode, track:
         x_t, t, cond = _inputs(fam, B)
         start = track.reset()
@@ -219,10 +217,7 @@ def grad_pass(family_cls, path: str, resolution: int, frames: int, lora: tuple |
 def no_grad_pass(family_cls, path: str, resolution: int, frames: int, lora: tuple | None, precision: str,
                  role: str, n: int) -> int:
     """Peak bytes of one no-grad forward of `role` ('fake' or 'teacher') at n rows."""
-    dtype = None if precision == "no" else DTYPES[precision]
-    fam, roles, nets, trainable = _setup(family_cls, path, resolution, frames, lora, precision)
-    mode = GPUSemantics(dtype, trainable)
-    track = LiveBytes(ignore=[t for net in nets for t in (*net.parameters(), *net.buffers())] + list(mode.casts.values()))
+    fam, roles, _, _, mode, track = _setup(family_cls, path, resolution, frames, lora, precision)
     with mode, track, torch.no_grad():
         x_t, t, cond = _inputs(fam, n)
         start = track.reset()
