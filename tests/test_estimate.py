@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from family_harness import overrides, teacher_folder
-from tiny_pipelines import make_pixart, make_sd15, make_sdxl
+from tiny_pipelines import make_cogvideox, make_pixart, make_sd3, make_sd15, make_sdxl
 
 from tdm.config import resolve
 from tdm.estimate import (
@@ -94,20 +94,29 @@ def test_text_encoder_bytes_are_those_of_the_loaded_encoders(sdxl, pixart, tmp_p
     assert caching_bytes(cfg) == _bytes([*t5.parameters(), *t5.buffers()])
 
 
+FAMILIES = {"sd15": ("sd15", make_sd15, []), "sdxl": ("sdxl", make_sdxl, []), "pixart": ("pixart-512", make_pixart, []),
+            "sd3": ("sd3", make_sd3, []), "cogvideox": ("cogvideox-2b", make_cogvideox, ["teacher.frames=9"])}
+
+
 @pytest.mark.parametrize("lora", [True, False])
-def test_meta_probe_equals_the_same_passes_on_real_tensors(sd15, tmp_path, one_thread, lora):
-    """The live bytes of a forward with grad, its backward and a no-grad forward, measured on the meta device,
-    equal those of the same calls on the real network with real tensors (fp32, CPU)."""
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_meta_probe_equals_the_same_passes_on_real_tensors(name, lora, tmp_path_factory, one_thread):
+    """The live bytes of a forward with grad, its backward and a no-grad forward, measured on the meta device
+    with `probe_cond`'s conditions, equal those of the same calls on the real network with the family's
+    real conditions (fp32, CPU)."""
     from tdm.families.diffusers_base import RoleNet
 
-    cfg = resolve("sd15", overrides(sd15, f"lora.enabled={str(lora).lower()}", "train.mixed_precision='no'"))
-    family = SD15(cfg, "cpu", tmp_path)
-    trainable = family.student_and_fake(family.base)[1] if not lora else RoleNet(family, family.base, "fake")
-    spec = (4, 8.0, tuple(SD15.lora_targets)) if lora else None
+    preset, build, more = FAMILIES[name]
+    teacher = teacher_folder(tmp_path_factory, name, build)
+    cfg = resolve(preset, overrides(teacher, f"lora.enabled={str(lora).lower()}", "train.mixed_precision='no'", *more))
+    cls = family_class(name)
+    family = cls(cfg, "cpu", tmp_path_factory.mktemp("run"))
+    trainable = RoleNet(family, family.base, "fake") if lora else family.student_and_fake(family.base)[1]
     B = cfg.train.batch_size
     x_t, t = torch.randn(B, *family.latent_shape()), torch.full((B,), 500.0)
     cond = family._cond(torch.zeros(B, dtype=torch.long))
-    params = [*family.base.parameters(), *family.base.buffers(), *trainable.parameters(), *family.embeddings.values(),
+    params = [*family.base.parameters(), *family.base.buffers(), *trainable.parameters(), *trainable.buffers(),
+              *family.embeddings.values(),
               x_t, t, *cond.values()]
     with LiveBytes(ignore=params) as track:
         loss = trainable(x_t, t, cond).float().square().mean()
@@ -117,10 +126,11 @@ def test_meta_probe_equals_the_same_passes_on_real_tensors(sd15, tmp_path, one_t
         backward = track.peak
     with LiveBytes(ignore=params) as track, torch.no_grad():
         RoleNet(family, family.base, None)(x_t, t, cond)
-        teacher = track.peak
-    key = (SD15, str(sd15[0]), 64, 1, spec, "no")
+        teacher_peak = track.peak
+    key = (cls, str(teacher[0]), cfg.teacher.resolution, cfg.teacher.frames,
+           (4, 8.0, tuple(cls.lora_targets)) if lora else None, "no")
     assert grad_pass(*key, False, B) == (forward, saved, backward)
-    assert no_grad_pass(*key, "teacher", B) == teacher
+    assert no_grad_pass(*key, "teacher", B) == teacher_peak
 
 
 def test_checkpointing_lowers_the_activations(sd15, pixart):
