@@ -1,9 +1,10 @@
 """`tdm distill --dry-run`'s memory estimate against the measured peak of a training iteration.
 
-    python benchmarks/memory.py [--batch 4] [--out benchmarks/results]
+    python benchmarks/memory.py [--batch 4] [--precision no] [--out benchmarks/results]
 
 The medium UNet (benchmarks/networks.py: SD1.5's architecture, 37.5M parameters, 32x32 latents) with CFG,
-in LoRA mode and in full mode, fp32 (`train.mixed_precision=no`). Each mode is measured in a fresh
+in LoRA mode and in full mode, fp32 by default (`train.mixed_precision=no`: the dtypes every trainer
+version holds; bf16 is for a GPU once the trainer holds its base in bf16). Each mode is measured in a fresh
 subprocess on the second iteration (the first creates the AdamW state, as every later one finds it):
 on CPU the process's peak RSS during the iteration (the high-water mark reset just before it) less its
 RSS before the trainer was built, with `MALLOC_MMAP_THRESHOLD_=65536` so that freed tensors go back to
@@ -27,9 +28,9 @@ PROMPTS = ["a photo of a cat sitting on a red chair", "An astronaut riding a hor
 MiB = 1024**2
 
 
-def overrides(teacher: Path, prompts: Path, batch: int, mode: str) -> list[str]:
+def overrides(teacher: Path, prompts: Path, batch: int, precision: str, mode: str) -> list[str]:
     return [f"teacher.path={teacher}", f"data.prompts={prompts}", "teacher.resolution=256", f"train.batch_size={batch}",
-            "train.mixed_precision='no'", "train.preview_every=0", "train.progress=false", "train.iterations=2",
+            f"train.mixed_precision='{precision}'", "train.preview_every=0", "train.progress=false", "train.iterations=2",
             "train.checkpoint_every=1000000", *MODES[mode]]
 
 
@@ -88,6 +89,7 @@ def measure(args: list[str], run_dir: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no", help="train.mixed_precision")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--measure", nargs=2, metavar=("ARGS_JSON", "RUN_DIR"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -108,7 +110,7 @@ def main() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     rows = {}
     for mode in MODES:
-        args = overrides(teacher, prompts, a.batch, mode)
+        args = overrides(teacher, prompts, a.batch, a.precision, mode)
         est = memory_estimate(resolve("sd15", args), family_class("sd15"))
         out = subprocess.run([sys.executable, __file__, "--measure", json.dumps(args), str(work / mode)],
                              env=env, capture_output=True, text=True, check=True).stdout
@@ -120,7 +122,8 @@ def main() -> None:
                       "before_iteration_MiB": m["before_iteration"] / MiB,
                       "transient_estimate_MiB": (peak - static) / MiB, "growth_MiB": m["growth"] / MiB,
                       "phases_estimate_MiB": {k: v / MiB for k, v in est["phases"][False].items()}}
-    print(f"medium UNet (37.5M parameters), batch {a.batch}, CFG, fp32, iteration 2, {rows['LoRA']['device']}; MiB")
+    print(f"medium UNet (37.5M parameters), batch {a.batch}, CFG, mixed precision {a.precision}, iteration 2, "
+          f"{rows['LoRA']['device']}; MiB")
     print(f"{'':6}{'peak':>24}{'':9}{'before the iteration':>36}{'during it':>24}")
     print(f"{'mode':6}{'estimate':>12}{'measured':>12}{'error':>9}{'static est.':>12}{'tensors':>12}{'RSS':>12}"
           f"{'estimate':>12}{'growth':>12}")
@@ -130,8 +133,9 @@ def main() -> None:
               f"{r['transient_estimate_MiB']:>12.1f}{r['growth_MiB']:>12.1f}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"memory_batch{a.batch}.json"
-    path.write_text(json.dumps({"batch": a.batch, "network": "medium UNet", **rows}, indent=2) + "\n")
+    path = out / f"memory_batch{a.batch}{'' if a.precision == 'no' else '_' + a.precision}.json"
+    path.write_text(json.dumps({"batch": a.batch, "precision": a.precision, "network": "medium UNet", **rows}, indent=2)
+                    + "\n")
     print(f"wrote {path}")
 
 
