@@ -21,9 +21,14 @@ def _distill(args) -> int:
     cfg = resolve(args.preset, extra + args.overrides)
     run_dir = Path(args.output or Path("runs") / args.preset)
     if args.dry_run:
+        from .estimate import parse_size
+
+        gpu = parse_size(args.gpu_memory) if args.gpu_memory else None
         print(dump(cfg), end="")
-        _print_estimate(cfg)
+        _print_estimate(cfg, gpu)
         return 0
+    if args.gpu_memory:
+        raise ValueError("--gpu-memory goes with --dry-run")
     old = run_dir / "config.yaml"
     if old.exists():
         prev, now = yaml.safe_load(old.read_text()), cfg.to_dict()
@@ -47,22 +52,51 @@ def _distill(args) -> int:
     return 0
 
 
-def _print_estimate(cfg) -> None:
-    """Forwards per iteration and, for diffusers teachers, the memory estimate (configs only)."""
-    from .estimate import forwards_per_iteration, memory_estimate
+def _print_estimate(cfg, gpu: int | None = None) -> None:
+    """Forwards per iteration and, for diffusers teachers, memory by phase (configs only) and, given the
+    GPU's size, whether it fits and which switches would make it fit."""
+    from .estimate import USABLE, GiB, advise, forwards_per_iteration, memory_estimate
     from .families import _DIFFUSERS, family_class
 
     K = max(cfg.student.unify or [cfg.student.steps])
     f = forwards_per_iteration(K, cfg.teacher.guidance, cfg.tdm.fake_anchor > 0)
     print(f"# forwards per iteration: at most {f['network_calls']} network calls "
           f"({f['batch_equivalents']} batch equivalents with CFG) vs the demo's {f['demo']}")
-    if cfg.teacher.family in _DIFFUSERS:
-        if not cfg.teacher.path:
-            print("# memory: give --teacher PATH for an estimate")
-            return
-        m = memory_estimate(cfg, family_class(cfg.teacher.family))
-        print("# memory (weights, grads, AdamW; activations excluded): "
-              + ", ".join(f"{k}={v}" for k, v in m.items()))
+    if cfg.teacher.family not in _DIFFUSERS:
+        return
+    if not cfg.teacher.path:
+        print("# memory: give --teacher PATH for an estimate")
+        return
+    family = family_class(cfg.teacher.family)
+    m = memory_estimate(cfg, family)
+    print("# memory: " + ", ".join(f"{k}={m[k]}" for k in ("network", "base_params_M", "copies_of_base", "lora_params")
+                                   if k in m))
+    unit, div = ("GiB", GiB) if max(m["peak"].values()) >= GiB else ("MiB", 1024**2)
+    gc = m["gradient_checkpointing"]
+    rows = [("prompt caching: text encoders", m["prompt caching"], m["prompt caching"])]
+    rows += [(k, v, v) for k, v in m["static"].items()]
+    rows += [(f"+ {k}", m["phases"][False][k], m["phases"][True][k]) for k in m["phases"][False]]
+    rows += [("peak", m["peak"][False], m["peak"][True])]
+    print(f"# memory ({unit}), batch {m['batch_size']}, {cfg.teacher.resolution} px; "
+          f"gradient checkpointing:{'off':>10}{'on':>8}")
+    for name, off, on in rows:
+        mark = f"  <- train.gradient_checkpointing={str(gc).lower()}" if name == "peak" else ""
+        print(f"#   {name:56}{off / div:>10.2f}{on / div:>8.2f}{mark}")
+    print("#   (+: activations, the updated role's grads and autocast's weight copies at each phase's peak)")
+    if gpu is None:
+        return
+    peak, usable = m["peak"][gc], USABLE * gpu
+    size = f"{gpu / div:g} {unit} GPU: peak {peak / div:.2f} {unit} {'<=' if peak <= usable else '>'} " \
+           f"{usable / div:.2f} {unit} ({USABLE:.0%}; the CUDA context and fragmentation take the rest)"
+    if peak <= usable:
+        print(f"# fits a {size}")
+        return
+    print(f"# does not fit a {size}; turn on, in this order:")
+    steps = advise(cfg, family, gpu)
+    for switch, p in steps:
+        print(f"#   {switch:56}-> {p / div:.2f} {unit}{'  fits' if p <= usable else ''}")
+    if not steps or steps[-1][1] > usable:
+        print("# even so it does not fit: a smaller resolution, or several GPUs (model sharding)")
 
 
 def _print_metrics(m: dict) -> None:
@@ -171,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", help="local diffusers folder of the teacher (sets teacher.path)")
     d.add_argument("--prompts", help="prompt file: text, JSONL or a datasets folder (sets data.prompts)")
     d.add_argument("--output", help="run directory (default runs/PRESET); an existing run resumes")
-    d.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    d.add_argument("--dry-run", action="store_true", help="print the resolved config, forwards and memory, and stop")
+    d.add_argument("--gpu-memory", metavar="SIZE", help="with --dry-run: does it fit a GPU of SIZE (24GB, 80GiB)? "
+                   "if not, which switches to turn on")
     d.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. student.steps=2")
     d.set_defaults(fn=_distill)

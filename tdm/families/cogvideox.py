@@ -99,3 +99,8 @@ class CogVideoXFamily(DiffusersFamily):
         temporal = json.loads((self.path / "vae" / "config.json").read_text()).get("temporal_compression_ratio", 4)
         frames = (self.cfg.teacher.frames - 1) // temporal + 1  # the pipeline's latent_frames
         return (frames, c, h, w)
+
+    @classmethod
+    def probe_cond(cls, net_config, n: int) -> dict[str, torch.Tensor]:
+        """Meta tensors shaped like `call`'s conditions for n rows (tdm.estimate's memory probe)."""
+        return {"prompt_embeds": torch.empty(n, cls.max_sequence_length, net_config.text_embed_dim, device="meta")}

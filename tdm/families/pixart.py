@@ -87,3 +87,14 @@ class PixArtFamily(DiffusersFamily):
     def latent_shape(self) -> tuple[int, ...]:
         c, side = vae_shape(self.path, self.cfg.teacher.resolution)
         return (c, side, side)
+
+    @staticmethod
+    def probe_cond(net_config, n: int) -> dict[str, torch.Tensor]:
+        """Meta tensors shaped like `call`'s conditions for n rows (tdm.estimate's memory probe); the
+        micro-conditions exist where the transformer uses them (the 1024 px model, as in __init__)."""
+        cond = {"prompt_embeds": torch.empty(n, MAX_SEQUENCE_LENGTH, net_config.caption_channels, device="meta"),
+                "prompt_attention_mask": torch.empty(n, MAX_SEQUENCE_LENGTH, dtype=torch.int64, device="meta")}
+        extra = net_config.use_additional_conditions
+        if extra or extra is None and net_config.sample_size == 128:  # diffusers' default
+            cond.update(resolution=torch.empty(n, 2, device="meta"), aspect_ratio=torch.empty(n, 1, device="meta"))
+        return cond

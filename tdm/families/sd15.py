@@ -35,3 +35,8 @@ class SD15Family(DiffusersFamily):
     def latent_shape(self) -> tuple[int, ...]:
         c, side = vae_shape(self.path, self.cfg.teacher.resolution)
         return (c, side, side)
+
+    @staticmethod
+    def probe_cond(net_config, n: int) -> dict[str, torch.Tensor]:
+        """Meta tensors shaped like `call`'s conditions for n rows (tdm.estimate's memory probe)."""
+        return {"prompt_embeds": torch.empty(n, 77, net_config.cross_attention_dim, device="meta")}

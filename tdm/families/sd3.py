@@ -69,3 +69,10 @@ class SD3Family(DiffusersFamily):
             raise ValueError(f"teacher.resolution={self.cfg.teacher.resolution}: latent side {side} is not a "
                              f"multiple of the transformer's patch size {patch}")
         return (c, side, side)
+
+    @staticmethod
+    def probe_cond(net_config, n: int) -> dict[str, torch.Tensor]:
+        """Meta tensors shaped like `call`'s conditions for n rows (tdm.estimate's memory probe): 77 CLIP
+        tokens then the pipeline's 256 T5 tokens."""
+        return {"prompt_embeds": torch.empty(n, 77 + 256, net_config.joint_attention_dim, device="meta"),
+                "pooled": torch.empty(n, net_config.pooled_projection_dim, device="meta")}

@@ -59,3 +59,10 @@ class SDXLFamily(DiffusersFamily):
     def latent_shape(self) -> tuple[int, ...]:
         c, side = vae_shape(self.path, self.cfg.teacher.resolution)
         return (c, side, side)
+
+    @staticmethod
+    def probe_cond(net_config, n: int) -> dict[str, torch.Tensor]:
+        """Meta tensors shaped like `call`'s conditions for n rows (tdm.estimate's memory probe)."""
+        pooled = net_config.projection_class_embeddings_input_dim - 6 * net_config.addition_time_embed_dim
+        return {"prompt_embeds": torch.empty(n, 77, net_config.cross_attention_dim, device="meta"),
+                "pooled": torch.empty(n, pooled, device="meta"), "time_ids": torch.empty(n, 6, device="meta")}
