@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 MODES = {"LoRA": ["lora.enabled=true"], "full": ["lora.enabled=false"]}
@@ -30,7 +29,8 @@ MiB = 1024**2
 
 def overrides(teacher: Path, prompts: Path, batch: int, precision: str, mode: str) -> list[str]:
     return [f"teacher.path={teacher}", f"data.prompts={prompts}", "teacher.resolution=256", f"train.batch_size={batch}",
-            f"train.mixed_precision='{precision}'", "train.preview_every=0", "train.progress=false", "train.iterations=2",
+            f"train.mixed_precision={precision}", "train.preview_every=0", "train.progress=false",
+            "train.iterations=2",
             "train.checkpoint_every=1000000", *MODES[mode]]
 
 
@@ -71,8 +71,7 @@ def measure(args: list[str], run_dir: Path) -> dict:
     before = torch.cuda.memory_allocated() if cuda else _status("VmRSS")
     before_tensors = 0 if cuda else _tensor_bytes()
     trainer = Trainer(resolve("sd15", args), run_dir)
-    log, t0 = run_dir / "log.jsonl", time.perf_counter()
-    trainer._step(log, t0)
+    trainer._step()
     gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -80,7 +79,7 @@ def measure(args: list[str], run_dir: Path) -> dict:
     else:
         tensors, start = _tensor_bytes(), _status("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    trainer._step(log, t0)
+    trainer._step()
     high = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
     return {"device": "cuda" if cuda else "cpu", "peak": high - before, "before_iteration": start - before,
             "tensors_before_iteration": tensors - (0 if cuda else before_tensors), "growth": high - start}
@@ -118,7 +117,8 @@ def main() -> None:
         static, peak = sum(est["static"].values()), est["peak"][False]
         rows[mode] = {"device": m["device"], "estimate_MiB": peak / MiB, "measured_MiB": m["peak"] / MiB,
                       "error_pct": 100 * (peak / m["peak"] - 1),
-                      "static_estimate_MiB": static / MiB, "tensors_before_iteration_MiB": m["tensors_before_iteration"] / MiB,
+                      "static_estimate_MiB": static / MiB,
+                      "tensors_before_iteration_MiB": m["tensors_before_iteration"] / MiB,
                       "before_iteration_MiB": m["before_iteration"] / MiB,
                       "transient_estimate_MiB": (peak - static) / MiB, "growth_MiB": m["growth"] / MiB,
                       "phases_estimate_MiB": {k: v / MiB for k, v in est["phases"][False].items()}}

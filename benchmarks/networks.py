@@ -174,3 +174,11 @@ def parameters(network: dict) -> int:
     with init_empty_weights():
         net = getattr(diffusers, network["_class_name"])(**{k: v for k, v in network.items() if k != "_class_name"})
     return sum(p.numel() for p in net.parameters())
+
+
+# name: (tdm family and preset, network config, resolution in pixels)
+NETWORKS = {
+    "medium": ("sd15", MEDIUM_UNET, 256),
+    "sdxl": ("sdxl", SDXL_UNET, 1024),
+    "pixart-xl": ("pixart", PIXART_XL_2_512, 512),
+}

@@ -17,7 +17,8 @@ def _distill(args) -> int:
 
     from .config import PRESETS, dump, resolve
 
-    extra = [f"teacher.path={args.teacher}"] * bool(args.teacher) + [f"data.prompts={args.prompts}"] * bool(args.prompts)
+    extra = [f"teacher.path={args.teacher}"] * bool(args.teacher) + [
+        f"data.prompts={args.prompts}"] * bool(args.prompts)
     cfg = resolve(args.preset, extra + args.overrides)
     run_dir = Path(args.output or Path("runs") / args.preset)
     if args.dry_run:
@@ -253,7 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "distill":  # key=value overrides may also follow options: `--dry-run lora.rank=8`
+        args.overrides += [r for r in rest if "=" in r and not r.startswith("-")]
+        rest = [r for r in rest if r not in args.overrides]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.fn(args)
     except (KeyError, ValueError, FileNotFoundError) as err:

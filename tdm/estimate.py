@@ -108,7 +108,9 @@ def _prompt_count(prompts: str, max_chars: int) -> int:
 
 
 def _lora_spec(cfg: Config, family_cls) -> tuple | None:
-    return (cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets or family_cls.lora_targets)) if cfg.lora.enabled else None
+    if not cfg.lora.enabled:
+        return None
+    return cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets or family_cls.lora_targets)
 
 
 def _name(precision: str) -> str:
@@ -162,19 +164,20 @@ def phase_bytes(cfg: Config, family_cls) -> dict[str, int]:
     rollout, a no-grad student forward at <= B rows; fake update, a forward with grad (+ a no-grad teacher
     forward with the §5 anchor) and its backward; generator update, a student forward with grad, the
     teacher with CFG at 2B and the fake at B rows without grad, the backward; the preview's VAE decode.
-    With mixed precision, autocast's cached copies of the student's and then the fake's trainable weights
-    add to every phase after the one that made them."""
+    With mixed precision, a forward with grad saves the low-precision casts of the trainable weights for its
+    backward (the trainer turns autocast's cache off, so no cast outlives its pass)."""
     t, tr = cfg.teacher, cfg.train
     key = (family_cls, t.path, t.resolution, t.frames, _lora_spec(cfg, family_cls), tr.mixed_precision)
     B, n_teacher = tr.batch_size, 2 * tr.batch_size if t.guidance != 1 else tr.batch_size
     forward, saved, backward = grad_pass(*key, tr.gradient_checkpointing, B)
     fake = no_grad_pass(*key, "fake", B)  # the student's rollout call is the same network at <= B rows
     anchor = no_grad_pass(*key, "teacher", B) if cfg.tdm.fake_anchor > 0 else 0
-    cast = 0 if tr.mixed_precision == "no" else DTYPES[tr.mixed_precision].itemsize * _trainable_per_role(cfg, family_cls)
-    out = {"rollout": cast + fake,
-           "fake update": 2 * cast + max(forward, saved + anchor, backward),
-           "generator update": 2 * cast + max(forward, saved + max(no_grad_pass(*key, "teacher", n_teacher), fake),
-                                              backward)}
+    cast = 0 if tr.mixed_precision == "no" else (DTYPES[tr.mixed_precision].itemsize
+                                                 * _trainable_per_role(cfg, family_cls))
+    out = {"rollout": fake,
+           "fake update": cast + max(forward, saved + anchor, backward),
+           "generator update": cast + max(forward, saved + max(no_grad_pass(*key, "teacher", n_teacher), fake),
+                                          backward)}
     latent = _latent_shape(cfg, family_cls)
     if tr.preview_every > 0 and len(latent) == 3:  # image latents; video VAEs decode chunks of frames, not probed
         out["preview decode"] = decode_pass(t.path, tr.mixed_precision, latent)
@@ -183,7 +186,8 @@ def phase_bytes(cfg: Config, family_cls) -> dict[str, int]:
 
 def peak_bytes(cfg: Config, family_cls) -> int:
     """The configured peak: prompt caching, or the static bytes plus the largest phase."""
-    return max(caching_bytes(cfg), sum(static_bytes(cfg, family_cls).values()) + max(phase_bytes(cfg, family_cls).values()))
+    training = sum(static_bytes(cfg, family_cls).values()) + max(phase_bytes(cfg, family_cls).values())
+    return max(caching_bytes(cfg), training)
 
 
 def memory_estimate(cfg: Config, family_cls) -> dict:
@@ -230,7 +234,8 @@ def advise(cfg: Config, family_cls, gpu: int) -> list[tuple[str, int]]:
         if turn_on(switch):
             return steps
     for lora in [False] + [True] * (not cfg.lora.enabled):
-        if lora and turn_on(["lora.enabled=true", "train.teacher_offload=false", f"train.batch_size={cfg.train.batch_size}"]):
+        if lora and turn_on(["lora.enabled=true", "train.teacher_offload=false",
+                             f"train.batch_size={cfg.train.batch_size}"]):
             return steps
         while c.train.batch_size > 1:
             if turn_on([f"train.batch_size={c.train.batch_size // 2}"]):

@@ -82,7 +82,8 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
         elif fmt == "diffusers":
             pipeline_cls.save_lora_weights(out, **{f"{fam.network_folder}_lora_layers": sd})
         elif not hasattr(pipeline_cls, "save_lora_weights"):
-            raise ValueError(f"{fam.pipeline_class} has no kohya LoRA loader; export 'diffusers' (peft folder) or 'full'")
+            raise ValueError(f"{fam.pipeline_class} has no kohya LoRA loader; "
+                             "export 'diffusers' (peft folder) or 'full'")
         else:
             from diffusers.utils import convert_state_dict_to_kohya
 

@@ -58,8 +58,8 @@ class GPUSemantics(TorchFunctionMode):
     """What a GPU run does that the meta device would not: fused attention (flash and memory-efficient
     kernels save the output and its log-sum-exp, never the L x L matrix) and, with `dtype`, CUDA autocast's
     casts (matmuls and convolutions in `dtype`; norms, pow, exp in fp32; softmax and sum output fp32).
-    Autocast caches its casts of fp32 weights that require grad until the autocast region ends (the whole
-    iteration): they are made up front for `trainable`, so that the passes never count them."""
+    The casts of the trainable fp32 weights are made up front for `trainable`, so that the passes never count
+    them: tdm.estimate adds them to the passes with grad, which save them for the backward."""
 
     LOW = (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, torch.matmul, torch.Tensor.matmul,
            torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.baddbmm, torch.addmm, torch.einsum,
@@ -71,7 +71,8 @@ class GPUSemantics(TorchFunctionMode):
     def __init__(self, dtype: torch.dtype | None, trainable=()):
         super().__init__()
         self.policy = {} if dtype is None else {
-            **{f: dtype for f in self.LOW}, **{f: torch.float32 for f in self.FP32}, **{f: "out" for f in self.FP32_OUT}}
+            **{f: dtype for f in self.LOW}, **{f: torch.float32 for f in self.FP32},
+            **{f: "out" for f in self.FP32_OUT}}
         self.casts = {id(p): p.to(dtype) for p in trainable if dtype is not None and p.dtype == torch.float32}
 
     def _cast(self, x, dtype):
@@ -171,17 +172,19 @@ def probe_nets(family_cls, path: str, precision: str, lora: tuple | None) -> tup
 def _setup(family_cls, path, resolution, frames, lora, precision):
     """The family, the fake's and the teacher's roles on the probe networks, the networks, their trainable
     parameters, and the two modes, live bytes counted from what exists now."""
-    from .families.diffusers_base import RoleNet
+    from .families.diffusers_base import LoRARoles, RoleNet
 
     base, trainable = probe_nets(family_cls, path, precision, lora)
     fam = bare_family(family_cls, path, resolution, frames)
-    fam.base = base
+    fam.base, fam.roles = base, LoRARoles(base) if lora else None
+    fam.dtype = torch.float32  # no autocast of the roles' own: GPUSemantics casts as CUDA's autocast would
     roles = {"fake": RoleNet(fam, base, "fake") if lora else RoleNet(fam, trainable, None),
              "teacher": RoleNet(fam, base, None)}
     nets = [base] if trainable is None else [base, trainable]
     params = [p for net in nets for p in net.parameters() if p.requires_grad]
     mode = GPUSemantics(None if precision == "no" else DTYPES[precision], params)
-    track = LiveBytes(ignore=[t for net in nets for t in (*net.parameters(), *net.buffers())] + list(mode.casts.values()))
+    held = [t for net in nets for t in (*net.parameters(), *net.buffers())]
+    track = LiveBytes(ignore=held + list(mode.casts.values()))
     return fam, roles, nets, params, mode, track
 
 

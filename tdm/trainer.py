@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import AutocastKwargs, DistributedType, ProjectConfiguration, set_seed
 from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -70,7 +70,11 @@ class Trainer:
         self.accelerator = acc = Accelerator(
             mixed_precision=tr.mixed_precision,
             project_config=ProjectConfiguration(str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
-            log_with="tensorboard" if _tensorboard_available() else None)
+            log_with="tensorboard" if _tensorboard_available() else None,
+            # autocast's weight-cast cache would hold a low-precision copy of every trainable weight through the
+            # iteration, and before torch 2.10 hand the no-grad rollout's copies (no history) to the student's
+            # forward with grad, which then gets no gradient (pytorch/pytorch#112583)
+            kwargs_handlers=[AutocastKwargs(cache_enabled=False)])
         if tr.mixed_precision == "fp16" and acc.device.type == "cpu":
             raise ValueError("train.mixed_precision=fp16 needs a GPU (accelerate runs fp16 on the CPU as fp32); "
                              "use bf16 or no")

@@ -177,15 +177,15 @@ def test_cli_dry_run_memory_table_and_advice(sd15, capsys):
               "teacher.resolution=64", "train.batch_size=2", "lora.rank=4"]
     assert main([*common, "--dry-run", "--gpu-memory", "24GB"]) == 0
     out = capsys.readouterr().out
-    for row in ("prompt caching: text encoders", "base network (fp32)", "LoRA student + fake", "prompt embeddings",
+    for row in ("prompt caching: text encoders", "base network (bf16)", "LoRA student + fake", "prompt embeddings",
                 "VAE for previews", "+ rollout", "+ fake update", "+ generator update", "+ preview decode", "peak"):
         assert row in out, row
     assert "fits a 24576 MiB GPU" in out
 
-    assert main([*common, "train.mixed_precision=bf16", "--dry-run", "--gpu-memory", "1MB"]) == 0
+    assert main([*common, "train.mixed_precision=no", "--dry-run", "--gpu-memory", "1MB"]) == 0
     out = capsys.readouterr().out
     assert "does not fit a 1 MiB GPU" in out and "train.gradient_checkpointing=true" in out
-    assert "base network (bf16)" in out
+    assert "base network (fp32)" in out and "train.mixed_precision=bf16" in out
 
     assert main([*common, "--dry-run", "--gpu-memory", "lots"]) == 2
     assert "give a size such as 24GB" in capsys.readouterr().err

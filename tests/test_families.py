@@ -25,7 +25,8 @@ def family(request, tmp_path_factory):
 @pytest.mark.parametrize("lora", [True, False])
 def test_two_iterations(family, tmp_path, one_thread, lora):
     preset, teacher, extra = family
-    trainer, hist = train(preset, tmp_path / "r", overrides(teacher, *extra, "train.iterations=2", "train.preview_every=2",
+    trainer, hist = train(preset, tmp_path / "r", overrides(teacher, *extra, "train.iterations=2",
+                                                            "train.preview_every=2",
                                                             f"lora.enabled={str(lora).lower()}",
                                                             "train.gradient_checkpointing=true"))
     assert len(hist) == 2 and torch.isfinite(torch.tensor([[m["loss_fake"], m["loss_student"]] for m in hist])).all()
@@ -46,7 +47,8 @@ def test_resume_matches_uninterrupted(family, tmp_path, one_thread):
     _, full = train(preset, tmp_path / "full", overrides(teacher, *extra, "train.iterations=4"))
     train(preset, tmp_path / "split", overrides(teacher, *extra, "train.iterations=2"))
     _, rest = train(preset, tmp_path / "split", overrides(teacher, *extra, "train.iterations=4"))
-    assert [(m["loss_fake"], m["loss_student"]) for m in full[2:]] == [(m["loss_fake"], m["loss_student"]) for m in rest]
+    losses = lambda hist: [(m["loss_fake"], m["loss_student"]) for m in hist]  # noqa: E731
+    assert losses(full[2:]) == losses(rest)
 
 
 def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path, one_thread):

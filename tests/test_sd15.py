@@ -86,7 +86,8 @@ def test_gradient_checkpointing_gives_the_same_lora(teacher, tmp_path, one_threa
     ran: the trainer re-selects the role first, so the trained adapters equal those without checkpointing."""
     runs = {}
     for gc in ("false", "true"):
-        trainer, _ = _train(tmp_path / gc, overrides(teacher, "train.iterations=2", f"train.gradient_checkpointing={gc}"))
+        trainer, _ = _train(tmp_path / gc, overrides(teacher, "train.iterations=2",
+                                                     f"train.gradient_checkpointing={gc}"))
         runs[gc] = {role: net.state_dict() for role, net in (("s", trainer.student_net), ("f", trainer.fake_net))}
     for role in ("s", "f"):
         for k, v in runs["false"][role].items():

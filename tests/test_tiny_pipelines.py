@@ -117,7 +117,8 @@ def test_encode_prompt_shapes(built):
 def test_two_step_sampling(built):
     name, _, pipe = built
     kwargs, shape = CALLS[name]
-    out = pipe(PROMPTS[1], num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs)
+    out = pipe(PROMPTS[1], num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
+               **kwargs)
     latents = out[0]
     assert tuple(latents.shape) == shape
     assert torch.isfinite(latents).all()

@@ -101,7 +101,7 @@ def test_two_processes_with_torchrun(tmp_path):
     from pathlib import Path
 
     run = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # without it accelerate stays single-process on CPU
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # else accelerate stays single-process
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tdm.cli", "distill",
            "--preset", "toy-gmm", "--output", str(run), "--no-eval", *TINY, "train.iterations=10"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,

@@ -81,8 +81,10 @@ class RoleNet(nn.Module):
         if extra:
             raise ValueError(f"diffusers teachers take no extra conditioning yet, got {sorted(extra)}")
         self.activate()
+        if self._dtype == torch.float32:
+            return self._call(self.base, x_t, t, cond)
         # the frozen networks' dtype is the compute dtype wherever the network runs (training, previews, eval)
-        with torch.autocast(x_t.device.type, self._dtype, enabled=self._dtype != torch.float32):
+        with torch.autocast(x_t.device.type, self._dtype, cache_enabled=False):
             return self._call(self.base, x_t, t, cond)
 
     def activate(self) -> None:
@@ -138,7 +140,8 @@ class DiffusersFamily:
         """The diffusers class the teacher folder names (a family overrides it only to add behaviour)."""
         import diffusers
 
-        return getattr(diffusers, json.loads((self.path / self.network_folder / "config.json").read_text())["_class_name"])
+        config = json.loads((self.path / self.network_folder / "config.json").read_text())
+        return getattr(diffusers, config["_class_name"])
 
     def load_schedule(self, path: Path) -> Schedule:
         """VP teachers: betas and prediction type from the folder's scheduler config (§1)."""

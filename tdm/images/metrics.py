@@ -81,7 +81,8 @@ class DigitEvaluator:
                 "precision": precision, "recall": recall}
 
     def floor(self, n: int, generator: torch.Generator) -> dict[str, float]:
-        """The metrics of `n` real training images with the held-out class shares: the best a sampler can reach at `n`."""
+        """The metrics of `n` real training images with the held-out class shares: the best a sampler can
+        reach at `n`."""
         train_y, test_y = self.split.train_y, self.split.test_y
         share = torch.bincount(test_y, minlength=int(train_y.max()) + 1).double() / len(test_y)
         count = (n * share).floor().long()

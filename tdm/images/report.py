@@ -71,7 +71,8 @@ def write_report(metrics: dict, path: str | Path, K: int) -> Path:
         "",
         "| sampler | NFE | FD | accuracy | precision | recall |",
         "|---|---|---|---|---|---|",
-        f"| real digits (floor) | - | {ref['fd']:.3f} | {ref['accuracy']:.3f} | {ref['precision']:.3f} | {ref['recall']:.3f} |",
+        f"| real digits (floor) | - | {ref['fd']:.3f} | {ref['accuracy']:.3f} | {ref['precision']:.3f} | "
+        f"{ref['recall']:.3f} |",
     ]
     for name, entries in metrics["teacher"].items():
         for key, e in entries.items():
