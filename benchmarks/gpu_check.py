@@ -34,7 +34,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 from iteration import measure, table  # noqa: E402
 from networks import NETWORKS, write_pipeline  # noqa: E402
 
-from tdm.config import resolve  # noqa: E402
+from tdm.config import PRESETS, resolve  # noqa: E402
 from tdm.evaluate import load_run  # noqa: E402
 from tdm.export import export_run, load_pipeline  # noqa: E402
 from tdm.samplers import sample_student  # noqa: E402
@@ -66,10 +66,12 @@ def versions() -> dict:
     return out
 
 
-def _pipe_inputs(family: str, cond: dict) -> dict:
+def _pipe_inputs(cond: dict, dtype: torch.dtype) -> dict:
+    """The family's cached conditions as pipeline arguments, in the pipeline's dtype (pipelines take their
+    latents' dtype from the prompt embeddings)."""
     names = {"prompt_embeds": "prompt_embeds", "pooled": "pooled_prompt_embeds",
              "prompt_attention_mask": "prompt_attention_mask"}
-    return {names[k]: v for k, v in cond.items() if k in names}
+    return {names[k]: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items() if k in names}
 
 
 def tiny_family(family: str, work: Path, device: torch.device) -> dict:
@@ -94,7 +96,7 @@ def tiny_family(family: str, work: Path, device: torch.device) -> dict:
     x_ours = sample_student(run.student, x_T, run.grid(4), cond).float()
     pipe, kwargs = load_pipeline(teacher, lora=out, device=device, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
-    res = pipe(**_pipe_inputs(family, cond), latents=x_T.clone().to(torch.bfloat16), output_type="latent",
+    res = pipe(**_pipe_inputs(cond, torch.bfloat16), latents=x_T.clone().to(torch.bfloat16), output_type="latent",
                num_inference_steps=4, **call, **kwargs)
     x_pipe = (res.frames if family == "cogvideox" else res.images).float()
     rel = ((x_pipe - x_ours).norm() / x_ours.norm()).item()
@@ -114,16 +116,16 @@ def dry_run_peak(teacher: Path, preset: str, overrides: list[str]) -> float:
 
 
 def big_network(name: str, batch: int, extra: tuple, work: Path, dry: bool) -> dict:
-    family, config, resolution = NETWORKS[name]
+    preset, config, resolution = NETWORKS[name]
     overrides = [f"teacher.resolution={resolution}", f"train.batch_size={batch}", "train.mixed_precision=bf16",
                  "train.preview_every=0", *extra]
     folder = work / name
     if dry:  # configs and tokenizers only: what the estimate reads
-        write_pipeline(folder / "teacher", family, config, weights=False)
+        write_pipeline(folder / "teacher", PRESETS[preset]["teacher"]["family"], config, weights=False)
         return {"network": name, "batch": batch, "extra": list(extra),
-                "estimate_GiB": dry_run_peak(folder / "teacher", family, overrides)}
+                "estimate_GiB": dry_run_peak(folder / "teacher", preset, overrides)}
     res = measure(name, batch, repeats=3, precision="bf16", extra=extra, work=folder)
-    res["estimate_GiB"] = dry_run_peak(Path(res["teacher"]), family, overrides)
+    res["estimate_GiB"] = dry_run_peak(Path(res["teacher"]), preset, overrides)
     return res
 
 
@@ -212,7 +214,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry", action="store_true", help="the parts that need no GPU; report to a temporary folder")
     p.add_argument("--out", help="report folder (default: docs/ and benchmarks/results/; with --dry a temp folder)")
+    p.add_argument("--families", default=",".join(TINY), help="tiny families to check (default: all)")
     args = p.parse_args()
+    families = args.families.split(",")
+    if not set(families) <= set(TINY):
+        p.error(f"--families: choose from {','.join(TINY)}")
     dry = args.dry
     if not dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run with --dry for the parts that need none", file=sys.stderr)
@@ -221,7 +227,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tdm_gpu_check_"))
     t0 = time.perf_counter()
     res = {"versions": versions(), "date": time.strftime("%Y-%m-%d"), "families": [], "big": []}
-    for family in TINY:
+    for family in families:
         try:
             res["families"].append(tiny_family(family, work / family, device))
         except Exception:

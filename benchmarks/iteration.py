@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from networks import NETWORKS, write_pipeline  # noqa: E402
 
-from tdm.config import resolve  # noqa: E402
+from tdm.config import PRESETS, resolve  # noqa: E402
 from tdm.losses import fake_score_loss, generator_loss, importance_weight, min_snr_weight  # noqa: E402
 from tdm.samplers import ddim_step  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
@@ -189,13 +189,14 @@ def syncs_per_iteration(t: Trainer, n: int = 2) -> float | None:
 def measure(network: str, batch: int = 4, repeats: int = 6, precision: str = "no", extra: tuple[str, ...] = (),
             work: Path | None = None) -> dict:
     """Write the network's pipeline folder, build the trainer, time the iterations; returns the results."""
-    family, config, resolution = NETWORKS[network]
+    preset, config, resolution = NETWORKS[network]
     work = Path(work or tempfile.mkdtemp(prefix="tdm_iteration_"))
     teacher = work / "teacher"
     if not (teacher / "model_index.json").exists():
-        write_pipeline(teacher, family, config, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        write_pipeline(teacher, PRESETS[preset]["teacher"]["family"], config,
+                       dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    cfg = resolve(family, [f"teacher.path={teacher}", f"data.prompts={work / 'prompts.txt'}",
+    cfg = resolve(preset, [f"teacher.path={teacher}", f"data.prompts={work / 'prompts.txt'}",
                            f"teacher.resolution={resolution}", f"train.batch_size={batch}",
                            f"train.mixed_precision={precision}", "train.progress=false", "train.preview_every=0",
                            "train.log_every=1000000", "train.checkpoint_every=1000000", *extra])

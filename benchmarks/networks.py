@@ -138,7 +138,7 @@ def _pipeline(family: str, network: dict, dtype: torch.dtype):
     from tiny_pipelines import make_clip_tokenizer, make_t5_tokenizer
 
     config = {k: v for k, v in network.items() if k != "_class_name"}
-    net = getattr(diffusers, network["_class_name"])(**config).to(dtype).eval()
+    net = torch.nn.Module.to(getattr(diffusers, network["_class_name"])(**config), dtype).eval()  # no diffusers warning
     vae = _vae(network["in_channels"])
     betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
     if family == "sd15":
@@ -176,9 +176,9 @@ def parameters(network: dict) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-# name: (tdm family and preset, network config, resolution in pixels)
+# name: (tdm preset, network config, resolution in pixels)
 NETWORKS = {
     "medium": ("sd15", MEDIUM_UNET, 256),
     "sdxl": ("sdxl", SDXL_UNET, 1024),
-    "pixart-xl": ("pixart", PIXART_XL_2_512, 512),
+    "pixart-xl": ("pixart-512", PIXART_XL_2_512, 512),
 }
