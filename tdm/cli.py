@@ -83,7 +83,7 @@ def _print_estimate(cfg, gpu: int | None = None) -> None:
     for name, off, on in rows:
         mark = f"  <- train.gradient_checkpointing={str(gc).lower()}" if name == "peak" else ""
         print(f"#   {name:56}{off / div:>10.2f}{on / div:>8.2f}{mark}")
-    print("#   (+: activations, the updated role's grads and autocast's weight copies at each phase's peak)")
+    print("#   (+: activations, the updated role's grads and the bf16 casts of its weights at each phase's peak)")
     if gpu is None:
         return
     peak, usable = m["peak"][gc], USABLE * gpu
