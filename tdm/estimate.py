@@ -81,9 +81,12 @@ def folder_bytes(folder: Path, dtype: torch.dtype) -> int:
 
 
 def module_bytes(net, dtype: torch.dtype) -> int:
-    """Bytes of a module's parameters and buffers in `dtype` (integer buffers keep theirs)."""
+    """Bytes of a module loaded in `dtype` (`from_pretrained(dtype=...)`): parameters and saved buffers in it,
+    buffers the module makes itself (not saved, e.g. PixArt's position table) as it makes them, integers as
+    they are."""
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
+    made = {id(b) for m in net.modules() for k, b in m._buffers.items() if k in m._non_persistent_buffers_set}
+    return sum(t.numel() * (size if t.is_floating_point() and id(t) not in made else t.element_size())
                for t in [*net.parameters(), *net.buffers()])
 
 

@@ -139,7 +139,11 @@ def meta_net(family_cls, path: str, dtype: torch.dtype = torch.float32):
     config = json.loads((fam.path / fam.network_folder / "config.json").read_text())
     with init_empty_weights(include_buffers=True):
         net = fam.network_class.from_config(config)
-    return torch.nn.Module.to(net, dtype).requires_grad_(False)  # nn.Module's `to`: diffusers' warns for nothing
+    for m in net.modules():  # as from_pretrained(dtype=...): what the module makes itself keeps its dtype
+        for k, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None and t.is_floating_point() and k not in m._non_persistent_buffers_set:
+                t.data = t.data.to(dtype)
+    return net.requires_grad_(False)
 
 
 @functools.cache

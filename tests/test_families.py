@@ -7,6 +7,9 @@ from family_harness import overrides, teacher_folder, train
 from PIL import Image
 from tiny_pipelines import make_cogvideox, make_pixart, make_sd3, make_sd15, make_sdxl
 
+from tdm.estimate import static_bytes
+from tdm.families import family_class
+
 FAMILIES = {  # name: (preset, builder, extra overrides)
     "sd15": ("sd15", make_sd15, ()),
     "sdxl": ("sdxl", make_sdxl, ()),
@@ -66,6 +69,11 @@ def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path,
                                                                                                   "exp_avg_sq")]
     assert moments and all(m.dtype == torch.float32 for m in moments)
     assert all(p.dtype == torch.bfloat16 for p in trainer.family.vae.parameters())
+    # the dry run's figures are these bytes: the frozen base as held, the adapters with their two AdamW moments
+    static = static_bytes(trainer.cfg, family_class(trainer.cfg.teacher.family))
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    assert static["base network (bf16)"] == nbytes([*frozen.values(), *trainer.family.base.buffers()])
+    assert static["LoRA student + fake: fp32 weights, AdamW"] == nbytes(lora.values()) + nbytes(moments)
 
     full, _ = train(preset, tmp_path / "full", overrides(teacher, *extra, "train.iterations=1", "lora.enabled=false"))
     assert all(p.dtype == torch.bfloat16 for p in full.family.base.parameters())
