@@ -68,6 +68,10 @@ def _print_estimate(cfg, gpu: int | None = None) -> None:
     if not cfg.teacher.path:
         print("# memory: give --teacher PATH for an estimate")
         return
+    if cfg.teacher.family == "digits-sd":  # a named, committed teacher folder
+        from .families.digits_sd import teacher_dir
+
+        cfg.teacher.path = str(teacher_dir(cfg.teacher.path))
     family = family_class(cfg.teacher.family)
     m = memory_estimate(cfg, family)
     print("# memory: " + ", ".join(f"{k}={m[k]}" for k in ("network", "base_params_M", "copies_of_base", "lora_params")
@@ -170,12 +174,14 @@ def _eval(args) -> int:
 def _teacher_train(args) -> int:
     import torch
 
+    if args.preset == "digits-sd":
+        return _teacher_train_sd(args)
     from .families.digits import teacher_check, teacher_dir
     from .images.digits import load_digits_split
     from .images.teacher import RECIPE, train_teacher
 
     if args.preset != "digits":
-        raise ValueError(f"`tdm teacher train` knows the preset 'digits' only, got {args.preset!r}")
+        raise ValueError(f"`tdm teacher train` knows the presets 'digits' and 'digits-sd' only, got {args.preset!r}")
     torch.set_num_threads(1)  # a 1M-parameter UNet on 8x8 images: one thread is fastest and repeatable
     out = Path(args.output) if args.output else teacher_dir("digits")
     log = train_teacher(load_digits_split(), out, steps=args.steps or RECIPE["steps"])
@@ -183,6 +189,25 @@ def _teacher_train(args) -> int:
     (out / "teacher.json").write_text(json.dumps(log, indent=2))
     print(f"denoising loss {log['loss_first']:.4f} -> {log['loss_last']:.4f}; DDIM 25 steps, CFG 2: "
           f"FD {log['check']['fd']:.2f}, accuracy {log['check']['accuracy']:.3f}; teacher written to {out}")
+    return 0
+
+
+def _teacher_train_sd(args) -> int:
+    """The digits-sd pipeline: VAE, frozen random text encoder, UNet on the latents, then a DDIM check."""
+    import torch
+
+    from .families.digits_sd import teacher_check, teacher_dir
+    from .images.digits import load_digits_split
+    from .images.sd_teacher import train_sd_teacher
+
+    torch.set_num_threads(1)  # small models: on a shared 2-core machine one thread is fastest and repeatable
+    out = Path(args.output) if args.output else teacher_dir("digits-sd")
+    log = train_sd_teacher(load_digits_split(), out, **({"vae_steps": args.steps, "steps": args.steps} if args.steps else {}))
+    log["check"] = check = teacher_check(out)
+    (out / "teacher.json").write_text(json.dumps(log, indent=2))
+    print(f"VAE L1 {log['vae']['recon_l1']:.4f}; UNet loss {log['unet']['loss_first']:.4f} -> "
+          f"{log['unet']['loss_last']:.4f}; DDIM {check['steps']} steps, CFG {check['guidance']:g}: FD {check['fd']:.2f}, "
+          f"accuracy {check['accuracy']:.3f}; pipeline written to {out}")
     return 0
 
 
@@ -242,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("teacher", help="train a teacher from data (the digits backend)")
     tt = t.add_subparsers(dest="teacher_command", required=True).add_parser("train", help="train a teacher")
-    tt.add_argument("--preset", required=True, help="'digits': the class-conditional UNet on 8x8 digits")
-    tt.add_argument("--output", help="teacher folder (default: the committed one, tdm/assets/digits/teacher)")
-    tt.add_argument("--steps", type=int, help="training steps (default: the committed recipe)")
+    tt.add_argument("--preset", required=True, help="'digits': the class-conditional UNet on 8x8 digits; "
+                    "'digits-sd': the text-to-image Stable Diffusion pipeline on 16x16 digits")
+    tt.add_argument("--output", help="teacher folder (default: the committed one under tdm/assets/)")
+    tt.add_argument("--steps", type=int, help="training steps of each network (default: the committed recipe)")
     tt.set_defaults(fn=_teacher_train)
 
     pr = sub.add_parser("presets", help="list presets")

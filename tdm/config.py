@@ -179,6 +179,19 @@ PRESETS: dict[str, dict] = {
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
         "train": {"iterations": 500, "batch_size": 4, **_DIFFUSERS_TRAIN},
     },
+    # digits-sd: the committed tiny text-to-image SD pipeline on the digits (16x16 px, 4x8x8 latents) through
+    # the sd15 code path, LoRA, data-free (its prompts only), measured by the digit classifier. A CPU job: fp32.
+    # LoRA targets: diffusers' LCM-LoRA distillation recipe (attention, feed-forward, resnet convs, samplers).
+    "digits-sd": {
+        "teacher": {"family": "digits-sd", "path": "digits-sd", "guidance": 2.0, "resolution": 16},
+        "lora": {"rank": 16, "alpha": 16.0, "targets": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                                        "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                                                        "conv_shortcut", "downsamplers.0.conv",
+                                                        "upsamplers.0.conv", "time_emb_proj"]},
+        "optim": {"lr_student": 1e-4, "lr_fake": 1e-3},
+        "train": {"iterations": 500, "batch_size": 64, "checkpoint_every": 100, "eval_samples": 450,
+                  "mixed_precision": "no"},
+    },
     # CogVideoX-2B: v-prediction, zero-SNR; the video LoRA's grid [999, 856, 665, 399] (§2) = shifted, s = 2.
     "cogvideox-2b": {
         "teacher": {"family": "cogvideox", "guidance": 6.0, "resolution": 480, "frames": 49},

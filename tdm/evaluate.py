@@ -55,8 +55,12 @@ def draw(run: Run, n: int, generator: torch.Generator, labels: torch.Tensor | No
     fam = run.family
     x_T = torch.randn(fam.sample_shape(n), generator=generator)
     cond, uncond = fam.sample_cond(n, generator)
-    if labels is not None:
+    if labels is not None and torch.is_tensor(cond):
         cond = labels.to(cond)
+    elif labels is not None:  # prompt-conditioned: the family picks a prompt per label, if it knows labels
+        if not hasattr(fam, "label_cond"):
+            raise ValueError(f"--labels needs a label-conditioned run; {run.cfg.teacher.family} runs take prompts")
+        cond = fam.label_cond(labels, generator)
     return x_T, cond, uncond
 
 

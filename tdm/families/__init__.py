@@ -8,13 +8,14 @@ import torch
 
 from ..config import Config
 
-FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox")
+FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox", "digits-sd")
 _DIFFUSERS = {  # family -> (module, class): one small adapter file each
     "sd15": ("sd15", "SD15Family"),
     "sdxl": ("sdxl", "SDXLFamily"),
     "pixart": ("pixart", "PixArtFamily"),
     "sd3": ("sd3", "SD3Family"),
     "cogvideox": ("cogvideox", "CogVideoXFamily"),
+    "digits-sd": ("digits_sd", "DigitsSDFamily"),   # sd15 plus the digit classifier's metrics
 }
 
 
