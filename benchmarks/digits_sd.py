@@ -1,7 +1,7 @@
 """digits-sd: the LoRA student against its teacher, the stock pipeline with the exported LoRA, and the
-same run in full fine-tuning mode and with gradient checkpointing.
+same run with another seed, with gradient checkpointing and in full fine-tuning mode.
 
-    python benchmarks/digits_sd.py [--root runs/digits-sd-bench] [--variants lora,lora_seed1,lora_gc,full,full_preset_lr]
+    python benchmarks/digits_sd.py [--root DIR] [--variants lora,lora_seed1,lora_seed2,lora_gc,full,...]
 
 Each variant is `tdm distill --preset digits-sd` plus its overrides into ROOT/NAME (a finished run is
 reused), at one CPU thread. Prints a markdown table and writes benchmarks/results/digits-sd.{json,md}.
@@ -24,6 +24,7 @@ from tdm.images.sd_teacher import to_digit
 VARIANTS = {
     "lora": [],
     "lora_seed1": ["train.seed=1"],               # seed noise of the LoRA run
+    "lora_seed2": ["train.seed=2"],
     "lora_gc": ["train.gradient_checkpointing=true"],
     "full": ["lora.enabled=false", "optim.lr_student=2e-5", "optim.lr_fake=2e-4"],  # the pixel job's full-model lrs
     "full_preset_lr": ["lora.enabled=false"],     # the LoRA run's lrs on the whole network

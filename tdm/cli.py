@@ -202,12 +202,13 @@ def _teacher_train_sd(args) -> int:
 
     torch.set_num_threads(1)  # small models: on a shared 2-core machine one thread is fastest and repeatable
     out = Path(args.output) if args.output else teacher_dir("digits-sd")
-    log = train_sd_teacher(load_digits_split(), out, **({"vae_steps": args.steps, "steps": args.steps} if args.steps else {}))
+    steps = {"vae_steps": args.steps, "steps": args.steps} if args.steps else {}
+    log = train_sd_teacher(load_digits_split(), out, **steps)
     log["check"] = check = teacher_check(out)
     (out / "teacher.json").write_text(json.dumps(log, indent=2))
     print(f"VAE L1 {log['vae']['recon_l1']:.4f}; UNet loss {log['unet']['loss_first']:.4f} -> "
-          f"{log['unet']['loss_last']:.4f}; DDIM {check['steps']} steps, CFG {check['guidance']:g}: FD {check['fd']:.2f}, "
-          f"accuracy {check['accuracy']:.3f}; pipeline written to {out}")
+          f"{log['unet']['loss_last']:.4f}; DDIM {check['steps']} steps, CFG {check['guidance']:g}: "
+          f"FD {check['fd']:.2f}, accuracy {check['accuracy']:.3f}; pipeline written to {out}")
     return 0
 
 

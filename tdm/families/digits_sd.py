@@ -16,7 +16,7 @@ from ..images.classifier import load_classifier
 from ..images.digits import load_digits_split
 from ..images.metrics import DigitEvaluator
 from ..images.report import image_grid, quality_plot, write_report
-from ..images.sd_teacher import prompt_label, to_digit
+from ..images.sd_teacher import MAX_TOKENS, prompt_label, to_digit
 from .sd15 import SD15Family
 
 NULL_LABEL = 10                  # the empty prompt's label: no digit
@@ -36,11 +36,12 @@ class DigitsSDFamily(SD15Family):
     teacher_steps = (4, 8, 25, 50)   # teacher sampler steps that `tdm eval` measures
     student_eval_Ks = (1, 2, 4)      # the student is shown at these K whatever it was trained for
 
-    def __init__(self, cfg: Config, device: torch.device | str = "cpu", run_dir: str | Path | None = None):
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu", run_dir: str | Path | None = None,
+                 dtype: torch.dtype = torch.float32):
         cfg = copy.deepcopy(cfg)
         cfg.teacher.path = str(teacher_dir(cfg.teacher.path))
         cfg.data.prompts = cfg.data.prompts or str(Path(cfg.teacher.path) / "prompts.txt")  # what it was trained on
-        super().__init__(cfg, device, run_dir)
+        super().__init__(cfg, device, run_dir, dtype)
         self.labels = torch.tensor([prompt_label(p) for p in self.prompts] + [NULL_LABEL], device=self.device)
         self._evaluator = None
 
@@ -49,6 +50,11 @@ class DigitsSDFamily(SD15Family):
         if self._evaluator is None:  # the classifier and the real digits are needed for evaluation only
             self._evaluator = DigitEvaluator(load_classifier(), load_digits_split())
         return self._evaluator
+
+    @staticmethod
+    def probe_cond(net_config, n: int) -> dict[str, torch.Tensor]:
+        """Meta tensors shaped like `call`'s conditions for n rows (tdm.estimate's memory probe): 16 tokens."""
+        return {"prompt_embeds": torch.empty(n, MAX_TOKENS, net_config.cross_attention_dim, device="meta")}
 
     def _cond(self, idx: torch.Tensor) -> dict:
         return {**super()._cond(idx), "labels": self.labels[idx]}
