@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
-from iteration import measure, table  # noqa: E402
+from iteration import estimate_GiB, measure, table  # noqa: E402
 from networks import NETWORKS, write_pipeline  # noqa: E402
 
 from tdm.config import PRESETS, resolve  # noqa: E402
@@ -106,15 +106,6 @@ def tiny_family(family: str, work: Path, device: torch.device) -> dict:
             "ok": rel < BF16_TOLERANCE, "seconds": time.perf_counter() - t0}
 
 
-def dry_run_peak(teacher: Path, preset: str, overrides: list[str]) -> float:
-    """`tdm distill --dry-run`'s estimated training peak in GiB (configs only, nothing loaded)."""
-    from tdm.estimate import memory_estimate
-    from tdm.families import family_class
-
-    cfg = resolve(preset, [f"teacher.path={teacher}", *overrides])
-    return memory_estimate(cfg, family_class(cfg.teacher.family))["peak_GiB"]
-
-
 def big_network(name: str, batch: int, extra: tuple, work: Path, dry: bool) -> dict:
     preset, config, resolution = NETWORKS[name]
     overrides = [f"teacher.resolution={resolution}", f"train.batch_size={batch}", "train.mixed_precision=bf16",
@@ -122,11 +113,11 @@ def big_network(name: str, batch: int, extra: tuple, work: Path, dry: bool) -> d
     folder = work / name
     if dry:  # configs and tokenizers only: what the estimate reads
         write_pipeline(folder / "teacher", PRESETS[preset]["teacher"]["family"], config, weights=False)
-        return {"network": name, "batch": batch, "extra": list(extra),
-                "estimate_GiB": dry_run_peak(folder / "teacher", preset, overrides)}
-    res = measure(name, batch, repeats=3, precision="bf16", extra=extra, work=folder)
-    res["estimate_GiB"] = dry_run_peak(Path(res["teacher"]), preset, overrides)
-    return res
+        (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+        cfg = resolve(preset, [f"teacher.path={folder / 'teacher'}", f"data.prompts={folder / 'prompts.txt'}",
+                               *overrides])
+        return {"network": name, "batch": batch, "extra": list(extra), "estimate_GiB": estimate_GiB(cfg)}
+    return measure(name, batch, repeats=3, precision="bf16", extra=extra, work=folder)
 
 
 def _distill(run: Path, args: list[str], env: dict, launcher: list[str]) -> list[dict]:

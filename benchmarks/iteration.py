@@ -15,8 +15,9 @@ iterations use the trainer's networks, draws and optimiser steps; they differ on
 Each repeat times one of each, in alternating order, so the shared machine's noise falls on both. The
 floor is what the library's counted work costs at the measured unit prices: (E - 2) no-grad forwards and 2
 forward+backward pairs at the batch, E its mean full-batch forward equivalents. Also printed: a phase
-breakdown of the library iteration, the cost of switching LoRA roles (cached vs peft's model-level calls)
-and, on CUDA, the peak memory. Prints a table and writes JSON to --out.
+breakdown of the library iteration, the cost of switching LoRA roles (cached vs peft's model-level calls),
+`tdm distill --dry-run`'s memory estimate and, on CUDA, the measured peak and host-device synchronisations
+(on the CPU, benchmarks/memory.py measures the peak). Prints a table and writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -186,6 +187,14 @@ def syncs_per_iteration(t: Trainer, n: int = 2) -> float | None:
     return sum("synchroniz" in str(w.message) for w in caught) / n
 
 
+def estimate_GiB(cfg) -> float:
+    """`tdm distill --dry-run`'s peak for this configuration (configs only, nothing loaded)."""
+    from tdm.estimate import memory_estimate
+    from tdm.families import family_class
+
+    return memory_estimate(cfg, family_class(cfg.teacher.family))["peak_GiB"]
+
+
 def measure(network: str, batch: int = 4, repeats: int = 6, precision: str = "no", extra: tuple[str, ...] = (),
             work: Path | None = None) -> dict:
     """Write the network's pipeline folder, build the trainer, time the iterations; returns the results."""
@@ -238,20 +247,21 @@ def measure(network: str, batch: int = 4, repeats: int = 6, precision: str = "no
         "ratio_to_demo": med["library"] / med["demo"], "above_floor": med["library"] / floor - 1,
         "demo_above_floor": med["demo"] / demo_floor - 1, "phases_s": {k: v / 2 for k, v in sorted(clock.s.items())},
         "switch_ms": switch_costs(t) if t.family.roles is not None else None, "syncs_per_iteration": syncs,
-        "peak_GiB": peak, "teacher": str(teacher), "config": cfg.to_dict(),
+        "peak_GiB": peak, "estimate_GiB": estimate_GiB(cfg), "teacher": str(teacher), "config": cfg.to_dict(),
     }
 
 
 def table(results: list[dict]) -> str:
     """Markdown rows: one per measured setting, the library against the demo order on the same network."""
     lines = ["| network | batch | precision | switches | library s/it | demo s/it | vs demo | floor s | above floor "
-             "| fwd equiv. | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fwd equiv. | peak GiB | dry-run GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         med, peak = r["median_s"], r["peak_GiB"]
         lines.append(f"| {r['network']} ({r['parameters_M']}M) | {r['batch']} | {r['precision']} | "
                      f"{' '.join(r['extra']) or '-'} | {med['library']:.3f} | {med['demo']:.3f} | "
                      f"{r['ratio_to_demo']:.3f}x | {r['floor_s']:.3f} | {100 * r['above_floor']:+.1f}% | "
-                     f"{r['forwards_batch_equiv']:.2f} | {'-' if peak is None else f'{peak:.2f}'} |")
+                     f"{r['forwards_batch_equiv']:.2f} | {'-' if peak is None else f'{peak:.2f}'} | "
+                     f"{r['estimate_GiB']:.2f} |")
     return "\n".join(lines)
 
 
