@@ -131,8 +131,8 @@ class Config:
 _DIFFUSERS_TRAIN = {"mixed_precision": "bf16", "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50}
 
 # Named presets: overrides of the defaults above.
-# The toy presets turn the demo's tempered importance weight off: in 2-D/4-D its per-element mean is far
-# from 1 and it doubled the energy distance at equal iterations (README, "The importance weight").
+# The toy presets turn the demo's tempered importance weight off: in 2-D/4-D it is a per-sample factor far
+# from 1, not a gentle correction; single-seed runs disagree on its cost (README, "The importance weight").
 PRESETS: dict[str, dict] = {
     "toy-gmm": {
         "teacher": {"mixture": "ring8"},

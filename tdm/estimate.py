@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from .config import Config, set_field
+from .families import DTYPES
 from .meta_probe import (
-    DTYPES,
     bare_family,
     decode_pass,
     grad_pass,

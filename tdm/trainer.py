@@ -15,12 +15,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .config import Config, dump
-from .families import build_family
+from .families import DTYPES, build_family
 from .methods.tdm import TDM
 from .rng import RunRNG
 from .schedules import GridSpec, timestep_grid
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TrainState:

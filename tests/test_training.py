@@ -76,6 +76,7 @@ def test_conditional_teacher_with_cfg(tmp_path, one_thread):
     m = evaluate(tmp_path / "c", n=300, steps=(2,))
     assert 0.0 <= m["student"]["K=4"]["class_accuracy"] <= 1.0
     assert m["teacher"]["ddim"]["steps=2"]["nfe"] == 4  # both CFG passes counted
+    assert evaluate(tmp_path / "c", n=300, steps=())["teacher"]["ddim"] == {}  # students only (benchmarks/toy.py)
 
 
 def test_ema_student_is_saved_and_resumed(tmp_path, one_thread):

@@ -8,6 +8,9 @@ import torch
 
 from ..config import Config
 
+# frozen networks' dtype under each `train.mixed_precision`
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox", "digits-sd")
 _DIFFUSERS = {  # family -> (module, class): one small adapter file each
     "sd15": ("sd15", "SD15Family"),

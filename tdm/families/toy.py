@@ -118,8 +118,9 @@ class ToyFamily:
         """`samples.png`: true law, students, and the teacher's DDIM at the student's K and at its most steps."""
         K = max(samples["student"])
         panels = {"true": samples["true"], **{f"student K={k}": x for k, x in samples["student"].items()}}
-        for n_steps in sorted({K, max(samples["teacher"])} & set(samples["teacher"])):
-            panels[f"teacher DDIM {n_steps} steps"] = samples["teacher"][n_steps]
+        teacher = samples["teacher"]  # empty when evaluated without teacher samplers
+        for n_steps in sorted({K, max(teacher, default=K)} & set(teacher)):
+            panels[f"teacher DDIM {n_steps} steps"] = teacher[n_steps]
         scatter_panels(panels, labels if self.conditional else None, Path(run_dir) / "samples.png")
 
     def save_samples(self, x: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
