@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
+
+from . import run
+from .errors import Interrupted, RunError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def _distill(args) -> int:
-    import yaml
+    from .config import dump, resolve
+    from .families import _DIFFUSERS, check_inputs
 
-    from .config import PRESETS, dump, resolve
-
-    extra = [f"teacher.path={args.teacher}"] * bool(args.teacher) + [
-        f"data.prompts={args.prompts}"] * bool(args.prompts)
+    extra = [f"teacher.path={args.teacher}"] * (args.teacher is not None) + [
+        f"data.prompts={args.prompts}"] * (args.prompts is not None)
     cfg = resolve(args.preset, extra + args.overrides)
+    check_inputs(cfg, dry=args.dry_run)
     run_dir = Path(args.output or Path("runs") / args.preset)
     if args.dry_run:
         from .estimate import parse_size
@@ -30,27 +36,53 @@ def _distill(args) -> int:
         return 0
     if args.gpu_memory:
         raise ValueError("--gpu-memory goes with --dry-run")
-    old = run_dir / "config.yaml"
-    if old.exists():
-        prev, now = yaml.safe_load(old.read_text()), cfg.to_dict()
-        for d in (prev, now):  # these may change between a run and its resumption
-            d["train"].pop("iterations"), d["train"].pop("progress")
-        if prev != now:
-            raise SystemExit(f"{run_dir} holds a run with a different config; pass another --output "
-                             f"(or delete it) to start afresh. Presets: {', '.join(PRESETS)}")
-    from .evaluate import evaluate
+    evaluate_after = not args.no_eval and cfg.train.eval_samples > 0
+    if _finished(cfg, run_dir, evaluate_after):
+        return 0
     from .trainer import Trainer
 
     trainer = Trainer(cfg, run_dir)
-    trainer.train()
-    if trainer.accelerator.is_main_process and not args.no_eval and cfg.train.eval_samples > 0:
-        _print_metrics(evaluate(run_dir))
-    from .families import _DIFFUSERS
+    main = trainer.accelerator.is_main_process
+    if main:
+        run.acquire(run_dir)  # held through the evaluation too (re-entrant: the trainer holds it already)
+    try:
+        trainer.train()
+        if main and evaluate_after:
+            from .evaluate import evaluate
 
+            _print_metrics(evaluate(run_dir))
+    finally:
+        if main:
+            run.release(run_dir)
     if cfg.teacher.family in _DIFFUSERS:
         print(f"next: tdm export {run_dir} --format diffusers")
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _finished(cfg, run_dir: Path, evaluate_after: bool) -> bool:
+    """A run already trained to `train.iterations` says so instead of training again; it is evaluated only if its
+    evaluation never completed (metrics.json missing). Another config is refused as the trainer would refuse it."""
+    done = run.student_step(run_dir) if run_dir.is_dir() else None
+    if done is None or done != cfg.train.iterations:
+        return False
+    changes = run.config_changes(run_dir, cfg.to_dict())
+    if changes:
+        return False  # the trainer names the differences and refuses
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return True
+    if evaluate_after and not (run_dir / "metrics.json").exists():
+        from .evaluate import evaluate
+
+        print(f"{run_dir} is trained ({done} iterations); evaluating it (metrics.json is missing)")
+        with run.lock(run_dir):
+            _print_metrics(evaluate(run_dir))
+        return True
+    print(f"{run_dir} is a finished run ({done} iterations): nothing to do. `tdm eval {run_dir}` evaluates it again; "
+          "a larger train.iterations trains it further")
+    return True
 
 
 def _print_estimate(cfg, gpu: int | None = None) -> None:
@@ -116,29 +148,73 @@ def _print_metrics(m: dict) -> None:
 
 def _sample(args) -> int:
     if args.teacher:
+        wrong = [f"--{k}" for k in ("steps", "n", "labels", "sampler", "nfe") if getattr(args, k) is not None]
+        if args.run_dir or wrong:
+            raise ValueError(f"{', '.join(wrong + ['RUN_DIR'] * bool(args.run_dir))}: these sample a run; --teacher "
+                             "samples one image with a stock pipeline (--lora, --inference, --prompt)")
         return _sample_pipeline(args)
     if not args.run_dir:
-        raise ValueError("give a RUN_DIR, or --teacher PATH [--lora FILE] --prompt TEXT")
-    import numpy as np
+        raise ValueError("give a RUN_DIR, or --teacher PATH [--lora FOLDER] --prompt TEXT")
+    wrong = [f"--{k}" for k in ("lora", "inference", "prompt") if getattr(args, k) is not None]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} go with --teacher PATH (a stock pipeline); a run samples its own "
+                         "conditions")
+    if args.nfe is not None and not args.sampler:
+        raise ValueError("--nfe is the teacher's step count: it goes with --sampler ddim|dpmpp_2m")
+    if args.steps is not None and args.sampler:
+        raise ValueError("--steps is the student's step count; the teacher's (--sampler) is --nfe")
+    if args.out and Path(args.out).suffix != ".npy":
+        raise ValueError(f"--out {args.out}: give a .npy path (the picture is written beside it as .png)")
     import torch
 
     from .evaluate import draw, load_run, student_sample, teacher_sample
 
-    run = load_run(args.run_dir)
+    labels = _labels(args.labels)
+    r = load_run(args.run_dir)
+    n = 1000 if args.n is None else args.n
     g = torch.Generator().manual_seed(args.seed)
-    labels = torch.tensor([int(v) for v in args.labels.split(",")]).repeat_interleave(args.n) if args.labels else None
-    n = len(labels) if labels is not None else args.n
-    x_T, cond, uncond = draw(run, n, g, labels)
+    labels = labels.repeat_interleave(n) if labels is not None else None
+    n = len(labels) if labels is not None else n
+    x_T, cond, uncond = draw(r, n, g, labels)
     if args.sampler:
-        x, name = teacher_sample(run, args.sampler, args.nfe, x_T, cond, uncond), f"teacher_{args.sampler}_{args.nfe}"
+        nfe = 50 if args.nfe is None else args.nfe
+        x, name = _sample_with(f"--nfe {nfe}", teacher_sample, r, args.sampler, nfe, x_T, cond, uncond), \
+            f"teacher_{args.sampler}_{nfe}"
     else:
-        K = args.steps or max(run.Ks)
-        x, name = student_sample(run, K, x_T, cond), f"student_K{K}"
+        K = max(r.Ks) if args.steps is None else args.steps
+        x, name = _sample_with(f"--steps {K}", student_sample, r, K, x_T, cond), f"student_K{K}"
     out = Path(args.out or Path(args.run_dir) / f"samples_{name}.npy")
-    np.save(out, x.float().numpy())
-    run.family.save_samples(x, cond, out.with_suffix(".png"))
+    run.atomic_write(out, lambda p: _write_npy(p, x.float().numpy()))
+    r.family.save_samples(x, cond, out.with_suffix(".png"))
     print(f"wrote {n} samples to {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def _write_npy(path: Path, array) -> None:
+    import numpy as np
+
+    with open(path, "wb") as f:  # a file object: given a name, np.save would append '.npy' to it
+        np.save(f, array)
+
+
+def _labels(text: str | None):
+    """`--labels 0,2` as a tensor (None without it)."""
+    if text is None:
+        return None
+    import torch
+
+    try:
+        return torch.tensor([int(v) for v in text.split(",")])
+    except ValueError:
+        raise ValueError(f"--labels {text!r}: give comma-separated class numbers, e.g. 0,1,2") from None
+
+
+def _sample_with(option: str, sample, *args):
+    """A sampler whose grid does not fit the teacher's timesteps names the option that asked for it."""
+    try:
+        return sample(*args)
+    except ValueError as err:
+        raise ValueError(f"{option}: {err}") from None
 
 
 def _export(args) -> int:
@@ -155,10 +231,17 @@ def _sample_pipeline(args) -> int:
 
     from .export import load_pipeline
 
-    pipe, kwargs = load_pipeline(args.teacher, lora=args.lora, inference=args.inference)
+    if not args.prompt:
+        raise ValueError("--teacher samples one image of --prompt TEXT; give the prompt")
+    from PIL import Image
+
     out = Path(args.out or "tdm_sample.png")
+    kind = Image.registered_extensions().get(out.suffix.lower())
+    if kind is None:
+        raise ValueError(f"--out {out}: give an image file name, e.g. sample.png or sample.jpg")
+    pipe, kwargs = load_pipeline(args.teacher, lora=args.lora, inference=args.inference)
     image = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **kwargs).images[0]
-    image.save(out)
+    run.atomic_write(out, lambda p: image.save(p, format=kind))
     print(f"wrote {out}")
     return 0
 
@@ -166,7 +249,8 @@ def _sample_pipeline(args) -> int:
 def _eval(args) -> int:
     from .evaluate import evaluate
 
-    _print_metrics(evaluate(args.run_dir, n=args.n, seed=args.seed))
+    with run.lock(Path(args.run_dir)):  # not while a run trains in it: its own evaluation writes the same files
+        _print_metrics(evaluate(args.run_dir, n=args.n, seed=args.seed))
     print(f"wrote {Path(args.run_dir) / 'metrics.json'}")
     return 0
 
@@ -183,10 +267,10 @@ def _teacher_train(args) -> int:
     if args.preset != "digits":
         raise ValueError(f"`tdm teacher train` knows the presets 'digits' and 'digits-sd' only, got {args.preset!r}")
     torch.set_num_threads(1)  # a 1M-parameter UNet on 8x8 images: one thread is fastest and repeatable
-    out = Path(args.output) if args.output else teacher_dir("digits")
-    log = train_teacher(load_digits_split(), out, steps=args.steps or RECIPE["steps"])
+    out = run.prepare(args.output) if args.output else teacher_dir("digits")
+    log = train_teacher(load_digits_split(), out, steps=RECIPE["steps"] if args.steps is None else args.steps)
     log["check"] = teacher_check(out)
-    (out / "teacher.json").write_text(json.dumps(log, indent=2))
+    run.write_json(out / "teacher.json", log)
     print(f"denoising loss {log['loss_first']:.4f} -> {log['loss_last']:.4f}; DDIM 25 steps, CFG 2: "
           f"FD {log['check']['fd']:.2f}, accuracy {log['check']['accuracy']:.3f}; teacher written to {out}")
     return 0
@@ -201,11 +285,11 @@ def _teacher_train_sd(args) -> int:
     from .images.sd_teacher import train_sd_teacher
 
     torch.set_num_threads(1)  # small models: on a shared 2-core machine one thread is fastest and repeatable
-    out = Path(args.output) if args.output else teacher_dir("digits-sd")
-    steps = {"vae_steps": args.steps, "steps": args.steps} if args.steps else {}
+    out = run.prepare(args.output) if args.output else teacher_dir("digits-sd")
+    steps = {"vae_steps": args.steps, "steps": args.steps} if args.steps is not None else {}
     log = train_sd_teacher(load_digits_split(), out, **steps)
     log["check"] = check = teacher_check(out)
-    (out / "teacher.json").write_text(json.dumps(log, indent=2))
+    run.write_json(out / "teacher.json", log)
     print(f"VAE L1 {log['vae']['recon_l1']:.4f}; UNet loss {log['unet']['loss_first']:.4f} -> "
           f"{log['unet']['loss_last']:.4f}; DDIM {check['steps']} steps, CFG {check['guidance']:g}: "
           f"FD {check['fd']:.2f}, accuracy {check['accuracy']:.3f}; pipeline written to {out}")
@@ -223,11 +307,47 @@ def _presets(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (raised, then printed by `main` like every other error)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _count(text: str) -> int:
+    """An integer >= 1: a count of 0 would mean nothing, never 'the default'."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave the option out for its default)")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tdm", description="Trajectory Distribution Matching distillation")
+    p = _Parser(prog="tdm", description="Trajectory Distribution Matching distillation")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the Python traceback too")
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("distill", help="distil a teacher into a few-step student")
+    d = sub.add_parser("distill", parents=[common], help="distil a teacher into a few-step student")
     d.add_argument("--preset", required=True, help="named preset (see `tdm presets`)")
     d.add_argument("--teacher", help="local diffusers folder of the teacher (sets teacher.path)")
     d.add_argument("--prompts", help="prompt file: text, JSONL or a datasets folder (sets data.prompts)")
@@ -239,60 +359,137 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. student.steps=2")
     d.set_defaults(fn=_distill)
 
-    s = sub.add_parser("sample", help="sample a trained student (or its teacher)")
-    s.add_argument("run_dir", nargs="?", help="a run directory (toy and digits runs)")
-    s.add_argument("--teacher", help="diffusers teacher folder: sample with the stock pipeline")
-    s.add_argument("--lora", help="exported LoRA folder or pytorch_lora_weights.safetensors")
-    s.add_argument("--inference", help="tdm_inference.json (default: beside --lora)")
-    s.add_argument("--prompt", default="", help="prompt for --teacher sampling")
-    s.add_argument("--steps", type=int, help="student steps K (default: the trained K)")
-    s.add_argument("--n", type=int, default=1000, help="samples (per label with --labels)")
+    s = sub.add_parser("sample", parents=[common], help="sample a trained student (or its teacher)")
+    s.add_argument("run_dir", nargs="?", help="a run directory")
+    s.add_argument("--teacher", help="diffusers teacher folder: sample one image with the stock pipeline")
+    s.add_argument("--lora", help="with --teacher: exported LoRA folder or pytorch_lora_weights.safetensors")
+    s.add_argument("--inference", help="with --teacher: tdm_inference.json (default: beside --lora)")
+    s.add_argument("--prompt", help="with --teacher: the prompt")
+    s.add_argument("--steps", type=_count, help="student steps K (default: the trained K)")
+    s.add_argument("--n", type=_count, help="samples (per label with --labels; default 1000)")
     s.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2")
     s.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], help="sample the teacher with this sampler")
-    s.add_argument("--nfe", type=int, default=50, help="teacher sampler steps")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="output .npy path (a PNG is written beside it)")
+    s.add_argument("--nfe", type=_count, help="with --sampler: teacher sampler steps (default 50)")
+    s.add_argument("--seed", type=_seed, default=0)
+    s.add_argument("--out", help="output .npy path (a PNG is written beside it); with --teacher an image path")
     s.set_defaults(fn=_sample)
 
-    x = sub.add_parser("export", help="export a diffusers-teacher run for stock pipelines")
+    x = sub.add_parser("export", parents=[common], help="export a diffusers-teacher run for stock pipelines")
     x.add_argument("run_dir")
     x.add_argument("--format", choices=["diffusers", "kohya", "full"], default="diffusers")
     x.add_argument("--output", help="output folder (default RUN_DIR/export_FORMAT)")
     x.set_defaults(fn=_export)
 
-    e = sub.add_parser("eval", help="metrics of a run's student and its teacher")
+    e = sub.add_parser("eval", parents=[common], help="metrics of a run's student and its teacher")
     e.add_argument("run_dir")
-    e.add_argument("--n", type=int, help="samples per entry (default train.eval_samples)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--n", type=_count, help="samples per entry (default train.eval_samples)")
+    e.add_argument("--seed", type=_seed, default=0)
     e.set_defaults(fn=_eval)
 
-    t = sub.add_parser("teacher", help="train a teacher from data (the digits backend)")
-    tt = t.add_subparsers(dest="teacher_command", required=True).add_parser("train", help="train a teacher")
+    t = sub.add_parser("teacher", parents=[common], help="train a teacher from data (the digits backend)")
+    tt = t.add_subparsers(dest="teacher_command", required=True).add_parser("train", parents=[common],
+                                                                            help="train a teacher")
     tt.add_argument("--preset", required=True, help="'digits': the class-conditional UNet on 8x8 digits; "
                     "'digits-sd': the text-to-image Stable Diffusion pipeline on 16x16 digits")
     tt.add_argument("--output", help="teacher folder (default: the committed one under tdm/assets/)")
-    tt.add_argument("--steps", type=int, help="training steps of each network (default: the committed recipe)")
+    tt.add_argument("--steps", type=_count, help="training steps of each network (default: the committed recipe)")
     tt.set_defaults(fn=_teacher_train)
 
-    pr = sub.add_parser("presets", help="list presets")
+    pr = sub.add_parser("presets", parents=[common], help="list presets")
     pr.add_argument("--show", metavar="NAME", help="print a preset's resolved config")
     pr.set_defaults(fn=_presets)
     return p
 
 
+# Failures a user can fix: one line and exit code 2 (RunError subclasses carry their own code).
+def _expected() -> tuple[type, ...]:
+    import yaml
+    from safetensors import SafetensorError
+
+    kinds = [RunError, UsageError, KeyError, ValueError, OSError, ImportError, yaml.YAMLError, SafetensorError]
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        kinds.append(torch.OutOfMemoryError)
+    return tuple(kinds)
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free space, then run the same command again (a run resumes from its last "
+                  "complete checkpoint)",
+    errno.EDQUOT: "the disk quota is spent: free space, then run the same command again",
+    errno.EACCES: "permission denied: check its permissions, or use another path",
+    errno.EPERM: "not permitted: check its permissions, or use another path",
+    errno.EROFS: "the file system is read-only: use another path",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder: give a file",
+    errno.EEXIST: "it exists already",
+}
+
+
+def describe(err: BaseException) -> str:
+    """One line for an expected failure: what, and where possible which file and the fix."""
+    if isinstance(err, KeyError):
+        msg = err.args[0] if err.args else "a missing key"
+    elif isinstance(err, UnicodeDecodeError):
+        msg = f"a file is not UTF-8 text ({err.reason} at byte {err.start})"
+    elif isinstance(err, OSError) and err.errno in _OS_FIXES and err.filename:
+        msg = f"{err.filename}: {_OS_FIXES[err.errno]}"
+    elif isinstance(err, OSError) and err.errno in _OS_FIXES:
+        msg = f"{err.strerror or err}: {_OS_FIXES[err.errno]}"
+    elif isinstance(err, ImportError) and not isinstance(err, ModuleNotFoundError):
+        msg = str(err)
+    elif isinstance(err, ModuleNotFoundError):
+        msg = f"the package {err.name} is missing: pip install {err.name}"
+    elif type(err).__name__ == "OutOfMemoryError":
+        msg = (f"out of GPU memory ({str(err).splitlines()[0]}); `tdm distill --dry-run --gpu-memory SIZE` names "
+               "the switches that fit (train.gradient_checkpointing, a smaller train.batch_size, ...)")
+    else:
+        msg = str(err)
+    return " ".join(str(msg).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "distill":  # key=value overrides may also follow options: `--dry-run lora.rank=8`
-        args.overrides += [r for r in rest if "=" in r and not r.startswith("-")]
-        rest = [r for r in rest if r not in args.overrides]
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    """Run one command. Every expected failure ends in one line on stderr and a non-zero code: 2 for what a user
+    can fix, 3 for a run stopped by non-finite values, 130 / 143 for SIGINT / SIGTERM; `--debug` adds the
+    traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    command = next((a for a in argv if not a.startswith("-")), "")
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # SIGTERM as SIGINT: one line, not a silent death
+        previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        command = args.command
+        if args.command == "distill":  # key=value overrides may also follow options: `--dry-run lora.rank=8`
+            args.overrides += [r for r in rest if "=" in r and not r.startswith("-")]
+            rest = [r for r in rest if r not in args.overrides]
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        print(f"tdm {args.command}: error: {err.args[0] if err.args else err}", file=sys.stderr)
-        return 2
+    except Interrupted as err:
+        failure, line, code = err, str(err), err.exit_code
+    except KeyboardInterrupt as err:  # SIGINT where `main` could not own the handler (not the main thread)
+        failure, line, code = err, _STOPPED.format(name="SIGINT"), 130
+    except _expected() as err:
+        failure, line, code = err, f"error: {describe(err)}", getattr(err, "exit_code", 2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if debug:
+        traceback.print_exception(type(failure), failure, failure.__traceback__)
+    print(f"tdm {command}: {line}" if command else f"tdm: {line}", file=sys.stderr)
+    return code
+
+
+_STOPPED = "interrupted by {name}; every file is written whole or not at all: run the same command to go on"
+
+
+def _raise_interrupted(signum, frame):
+    """Outside the training loop (which stops at its next iteration boundary) a signal stops at once."""
+    raise Interrupted(signum, _STOPPED.format(name=signal.Signals(signum).name))
 
 
 if __name__ == "__main__":

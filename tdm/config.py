@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -75,7 +76,7 @@ class OptimConfig:
     lr_fake: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.0, 0.95])  # demo; paper (0, 0.999)
     weight_decay: float = 0.01
-    grad_clip: float = 1.0                 # generator grad-norm clip
+    grad_clip: float = 1.0                 # generator grad-norm clip; 0 = no clipping
     warmup: int = 0                        # linear LR warm-up iterations for both roles
     ema: float = 0.0                       # EMA decay of the student; 0 = off
     adam_8bit: bool = False                # bitsandbytes' 8-bit AdamW (must be installed)
@@ -86,8 +87,8 @@ class TrainConfig:
     iterations: int = 600
     batch_size: int = 256
     seed: int = 0
-    checkpoint_every: int = 200            # also checkpoints at the end
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 200            # also checkpoints at the end and on SIGINT / SIGTERM
+    keep_checkpoints: int = 2              # complete checkpoints kept (at least 1: the newest is never deleted)
     log_every: int = 10
     preview_every: int = 0                 # diffusers teachers: preview grid (K = 1, 2, 4) every N iterations
     mixed_precision: str = "no"            # 'no', 'fp16' or 'bf16': frozen networks in it, trainable weights fp32
@@ -96,7 +97,8 @@ class TrainConfig:
     channels_last: bool = True             # diffusers UNets: channels-last memory layout
     compile: bool = False                  # diffusers networks: torch.compile the calls; fixed-shape rollout
     teacher_offload: bool = False          # full mode: keep the frozen teacher in CPU memory between calls
-    eval_samples: int = 4000               # samples per metric in `tdm eval`
+    eval_samples: int = 4000               # samples per metric in `tdm eval`; 0 = no evaluation after training
+    max_nonfinite_skips: int = 0           # non-finite updates skipped before the run stops; 0 = stop at the first
     progress: bool = True
 
 
@@ -248,34 +250,98 @@ def resolve(preset: str, overrides: list[str] | None = None) -> Config:
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
     cfg = Config.from_dict({"preset": preset, **PRESETS[preset]})
+    seen = set()
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
-        set_field(cfg, key.strip(), yaml.safe_load(raw), raw)
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if key in seen:
+            raise ValueError(f"{key} is given twice (--teacher sets teacher.path, --prompts data.prompts); keep one")
+        seen.add(key)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({problem}); e.g. {key}=[1,2,4] "
+                             "for a list, quotes around text") from None
+        set_field(cfg, key, value, raw)
     validate(cfg)
     return cfg
 
 
+FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox", "digits-sd")
+CHOICES = {
+    "teacher.family": FAMILIES,
+    "teacher.beta_schedule": ("linear", "scaled_linear"),
+    "net.prediction_type": ("epsilon", "sample", "v_prediction"),
+    "student.grid": ("demo", "trailing", "shifted"),
+    "tdm.interval": ("separate", "shared", "randmid"),
+    "tdm.importance_weight": ("tempered", "none"),
+    "tdm.generator_loss": ("huber_demo", "huber_paper", "mse"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+}
+# (lowest, highest) allowed; None: unbounded; an open bound is written as a predicate. Every number is also finite.
+RANGES = {
+    "teacher.resolution": (1, None), "teacher.frames": (1, None), "teacher.guidance": (1, None),
+    "net.hidden": (2, None), "net.depth": (0, None), "net.pretrain_steps": (1, None), "net.pretrain_batch": (1, None),
+    "student.steps": (1, None), "student.grid_N": (1, None), "data.max_prompt_chars": (1, None),
+    "lora.rank": (1, None), "tdm.tau_min": (0, None), "tdm.tau_margin": (0, None), "tdm.randmid_margin": (0, None),
+    "tdm.fake_anchor": (0, None), "optim.weight_decay": (0, None), "optim.grad_clip": (0, None),
+    "optim.warmup": (0, None), "train.iterations": (0, None), "train.batch_size": (1, None),
+    "train.seed": (0, 2**32 - 1), "train.checkpoint_every": (1, None), "train.keep_checkpoints": (1, None),
+    "train.log_every": (1, None), "train.preview_every": (0, None), "train.eval_samples": (0, None),
+    "train.max_nonfinite_skips": (0, None),
+}
+HINTS = {"teacher.guidance": " (the CFG scale w; 1 = no guidance)", "student.steps": " (K, the student's steps)",
+         "train.keep_checkpoints": " (the newest complete checkpoint is always kept)",
+         "train.seed": " (numpy's seed range)", "train.iterations": " (0: only build and save the start)"}
+POSITIVE = ("teacher.beta_start", "teacher.beta_end", "net.pretrain_lr", "student.grid_shift", "lora.alpha",
+            "tdm.min_snr_gamma", "tdm.huber_c", "optim.lr_student", "optim.lr_fake")  # > 0
+
+
+def _fields(cfg: Config):
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                yield f"{section.name}.{f.name}", getattr(obj, f.name)
+
+
 def validate(cfg: Config) -> None:
-    """Concise errors for settings that cannot work together."""
-    choices = {
-        "tdm.interval": (cfg.tdm.interval, ("separate", "shared", "randmid")),
-        "tdm.importance_weight": (cfg.tdm.importance_weight, ("tempered", "none")),
-        "tdm.generator_loss": (cfg.tdm.generator_loss, ("huber_demo", "huber_paper", "mse")),
-        "student.grid": (cfg.student.grid, ("demo", "trailing", "shifted")),
-        "net.prediction_type": (cfg.net.prediction_type, ("epsilon", "sample", "v_prediction")),
-        "train.mixed_precision": (cfg.train.mixed_precision, ("no", "fp16", "bf16")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ValueError(f"{key}={value!r} is not one of {allowed}")
-    if cfg.student.steps < 1 or any(k < 1 for k in cfg.student.unify):
-        raise ValueError("student.steps and every K in student.unify must be >= 1")
-    if cfg.train.iterations < 0 or cfg.train.batch_size < 1:
-        raise ValueError("train.iterations must be >= 0 and train.batch_size >= 1")
-    if cfg.teacher.guidance < 1:
-        raise ValueError("teacher.guidance is the CFG scale w; use w >= 1 (1 = no guidance)")
+    """Every field's type, range and choices, and settings that cannot work together; each message names the
+    field and what it takes. Files (teacher folders, prompts, mixtures) are checked by `families.check_inputs`."""
+    values = dict(_fields(cfg))
+    for key, value in values.items():
+        hint = typing.get_type_hints(type(getattr(cfg, key.split(".")[0])))[key.split(".")[1]]
+        _coerce(value, hint, key)  # a Config built in code, or read from a file, gets the override's type check
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{key}={value!r} must be a finite number")
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            raise ValueError(f"{key}={values[key]!r} is not one of {', '.join(allowed)}")
+    for key, (lo, hi) in RANGES.items():
+        v = values[key]
+        if lo is not None and v < lo or hi is not None and v > hi:
+            rule = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ValueError(f"{key}={v!r} must be {rule}{HINTS.get(key, '')}")
+    for key in POSITIVE:
+        if values[key] is not None and values[key] <= 0:
+            raise ValueError(f"{key}={values[key]!r} must be > 0")
+    t, s, o = cfg.teacher, cfg.student, cfg.optim
+    if cfg.net.hidden % 2:
+        raise ValueError(f"net.hidden={cfg.net.hidden} must be even (the time embedding has a sine and a cosine half)")
+    if not t.beta_start < t.beta_end < 1:
+        raise ValueError(f"teacher.beta_start={t.beta_start} and teacher.beta_end={t.beta_end} need "
+                         "0 < beta_start < beta_end < 1")
+    if any(k < 1 for k in s.unify) or len(set(s.unify)) != len(s.unify):
+        raise ValueError(f"student.unify={s.unify} must list distinct step counts K >= 1, e.g. [1,2,4]")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ValueError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.0, 0.95]")
+    if not 0 <= o.ema < 1:
+        raise ValueError(f"optim.ema={o.ema} is a decay in [0, 1) (0 = no EMA), e.g. 0.999")
+    if any(not target for target in cfg.lora.targets):
+        raise ValueError(f"lora.targets={cfg.lora.targets} holds an empty module name")
 
 
 def dump(cfg: Config) -> str:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import Config, validate
 from .denoiser import Denoiser
-from .families import build_family
+from .errors import RunError
+from .families import build_family, family_class
+from .run import CONFIG, STUDENT, write_json
 from .samplers import sample_ddim, sample_dpmpp_2m, sample_student
 from .schedules import GridSpec, teacher_grid, timestep_grid
 
@@ -35,31 +38,60 @@ class Run:
                              self.family.schedule.discrete)
 
 
+def run_config(run_dir: str | Path) -> Config:
+    """A finished run's config, checked; nothing loads."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (it does not exist or is a file)")
+    for name in (CONFIG, STUDENT):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a finished run: {name} is missing (`tdm distill` writes it at "
+                                    "the end of training)")
+    try:
+        cfg = Config.from_dict(yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, KeyError, ValueError) as err:
+        raise RunError(f"{run_dir / CONFIG} is not a config this tdm reads ({_first_line(err)})") from None
+    validate(cfg)
+    cfg.train.progress = False
+    return cfg
+
+
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Run:
     """A finished run's family and student on `device`, its frozen networks in `dtype`."""
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "student.safetensors"):
-        if not (run_dir / name).exists():
-            raise FileNotFoundError(f"{run_dir} is not a finished run: {name} is missing")
-    cfg = Config.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    validate(cfg)
-    cfg.train.progress = False
+    cfg = run_config(run_dir)
     family = build_family(cfg, device, run_dir, dtype)
     net = family.student_and_fake(family.new_net())[0]
-    net.load_state_dict(load_file(str(run_dir / "student.safetensors"), device=str(device)))
+    try:
+        weights = load_file(str(run_dir / STUDENT), device=str(device))
+        net.load_state_dict(weights)
+    except (SafetensorError, RuntimeError, KeyError) as err:
+        raise RunError(f"{run_dir / STUDENT} does not load into the run's network ({_first_line(err)}); it is "
+                       "damaged or from another config") from None
+    if not all(torch.isfinite(w).all() for w in weights.values()):
+        raise RunError(f"{run_dir / STUDENT} holds non-finite weights (written before tdm's non-finite guard); "
+                       "train the run again in another --output")
     return Run(cfg, family, family.wrap(net.eval()))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def draw(run: Run, n: int, generator: torch.Generator, labels: torch.Tensor | None = None):
     """Start noise and conditions for `n` samples (labels drawn from the teacher unless given)."""
     fam = run.family
+    classes = getattr(fam, "num_classes", 0)
+    if labels is not None and not classes:
+        raise ValueError(f"--labels needs a class-conditional run; this {run.cfg.teacher.family} run has no classes")
+    if labels is not None and not ((labels >= 0) & (labels < classes)).all():
+        raise ValueError(f"--labels {labels.unique().tolist()}: this run's classes are 0..{classes - 1}")
     x_T = torch.randn(fam.sample_shape(n), generator=generator)
     cond, uncond = fam.sample_cond(n, generator)
     if labels is not None and torch.is_tensor(cond):
         cond = labels.to(cond)
-    elif labels is not None:  # prompt-conditioned: the family picks a prompt per label, if it knows labels
-        if not hasattr(fam, "label_cond"):
-            raise ValueError(f"--labels needs a label-conditioned run; {run.cfg.teacher.family} runs take prompts")
+    elif labels is not None:  # prompt-conditioned: the family picks a prompt per label
         cond = fam.label_cond(labels, generator)
     return x_T, cond, uncond
 
@@ -78,7 +110,8 @@ def teacher_sample(run: Run, sampler: str, nfe: int, x_T, cond, uncond):
 
 
 def _rounded(d: dict) -> dict:
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
+    """Six decimals; a non-finite value (a metric undefined on these samples) is null: JSON has no NaN."""
+    return {k: (round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in d.items()}
 
 
 def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, steps=None) -> dict:
@@ -89,8 +122,16 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, steps=Non
     `metrics.json` and the family's figures into the run directory.
     """
     run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    family = cfg.teacher.family
+    if not hasattr(family_class(family), "quality"):
+        raise RunError(f"a {family} run has no built-in metric (`tdm eval` measures toy, digits and digits-sd runs); "
+                       f"look at its samples: `tdm sample {run_dir} --n 8`")
+    n = cfg.train.eval_samples if n is None else n
+    if n < 1:
+        raise RunError(f"{run_dir}: its train.eval_samples is 0; give the sample count: tdm eval {run_dir} --n N")
     run = load_run(run_dir)
-    fam, n = run.family, n or run.cfg.train.eval_samples
+    fam = run.family
     steps = fam.teacher_steps if steps is None else steps
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(fam.sample_shape(n), generator=g)
@@ -115,6 +156,6 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, steps=Non
             out["teacher"][name][f"steps={n_steps}"] = {**qual(x), "nfe": n_steps * cfg_passes}
             if name == "ddim":
                 samples["teacher"][n_steps] = x
-    (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+    write_json(run_dir / "metrics.json", out)
     fam.figures(run_dir, samples, cond, out)
     return out

@@ -8,15 +8,17 @@ alpha it assumes, gets the trained update at scale 1.0: no scale to guess.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .evaluate import load_run
+from .errors import RunError
+from .evaluate import load_run, run_config
 from .export_scheduler import build_inference_scheduler, inference_scheduler
+from .families import _DIFFUSERS
 from .families.diffusers_base import scheduler_config
+from .run import read_json, write_json
 
 FORMATS = ("diffusers", "kohya", "full")
 
@@ -50,9 +52,15 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
+    family = run_config(run_dir).teacher.family
+    if family not in _DIFFUSERS:
+        raise RunError(f"`tdm export` writes diffusers pipelines and LoRAs; a {family} run has no pipeline: sample "
+                       f"it with `tdm sample {run_dir}`")
+    out = Path(output or Path(run_dir) / f"export_{fmt}")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output {out} is a file; give a folder")
     run = load_run(run_dir)
     fam, cfg = run.family, run.cfg
-    out = Path(output or Path(run_dir) / f"export_{fmt}")
     out.mkdir(parents=True, exist_ok=True)
     spec = inference_spec(run)
     net = run.student.net
@@ -90,7 +98,7 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
             prefixed = {f"{fam.network_folder}.{k}": v for k, v in sd.items()}
             kohya = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(prefixed).items()}
             save_file(kohya, str(out / "pytorch_lora_weights_kohya.safetensors"))
-    (out / "tdm_inference.json").write_text(json.dumps(spec, indent=2))
+    write_json(out / "tdm_inference.json", spec)
     return out
 
 
@@ -104,9 +112,16 @@ def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference
     import diffusers
 
     lora = Path(lora) if lora else None
+    if not (Path(teacher) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--teacher {teacher} is not a diffusers pipeline folder (no model_index.json)")
+    if lora is not None and not lora.exists():
+        raise FileNotFoundError(f"--lora {lora} does not exist; give the folder `tdm export` wrote")
     inference = Path(inference) if inference else (lora if lora and lora.is_dir() else
                                                    (lora.parent if lora else Path(teacher))) / "tdm_inference.json"
-    spec = json.loads(inference.read_text())
+    if not inference.is_file():
+        raise FileNotFoundError(f"{inference} does not exist: `tdm export` writes it beside the LoRA (or pass "
+                                "--inference FILE)")
+    spec = read_json(inference)
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True, dtype=dtype)
     pipe.scheduler = build_inference_scheduler(spec["scheduler"])
     if lora is not None and hasattr(pipe, "load_lora_weights"):

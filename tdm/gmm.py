@@ -73,8 +73,21 @@ class GaussianMixture:
     @classmethod
     def from_file(cls, path: str | Path) -> "GaussianMixture":
         """Read `weights`, `means`, `stds` and optional `labels` from YAML or JSON."""
-        text = Path(path).read_text()
-        spec = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            spec = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise ValueError(f"mixture file {path} is not UTF-8 text") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"mixture file {path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ValueError(f"mixture file {path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})"
+                             ) from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"mixture file {path} must hold a mapping with weights, means, stds (and optional "
+                             "labels); it is empty or holds something else")
         return cls.from_dict(spec, source=str(path))
 
     @classmethod
@@ -85,7 +98,10 @@ class GaussianMixture:
         unknown = set(spec) - {"weights", "means", "stds", "labels"}
         if unknown:
             raise ValueError(f"{source}: unknown keys {sorted(unknown)}")
-        return cls(spec["weights"], spec["means"], spec["stds"], spec.get("labels"))
+        try:
+            return cls(spec["weights"], spec["means"], spec["stds"], spec.get("labels"))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{source}: {err}") from None
 
     def to_dict(self) -> dict:
         out = {"weights": self.weights.tolist(), "means": self.means.tolist(), "stds": self.stds.tolist()}

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .run import save_tensors
 
 
 def read_prompts(source: str | Path, max_chars: int = 1000) -> list[str]:
@@ -20,24 +22,29 @@ def read_prompts(source: str | Path, max_chars: int = 1000) -> list[str]:
     """
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"prompt source {path} does not exist")
+        raise FileNotFoundError(f"data.prompts: {path} does not exist; give a text file, JSONL or a `datasets` "
+                                "folder (--prompts)")
     if path.is_dir():
-        from datasets import load_from_disk
-
+        if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
+            raise ValueError(f"data.prompts: {path} is a folder but not a `datasets` folder (no dataset_info.json; "
+                             "write one with Dataset.save_to_disk), nor a file of prompts")
+        try:
+            from datasets import load_from_disk
+        except ImportError:
+            raise ValueError(f"data.prompts: {path} is a `datasets` folder; reading it needs the datasets package "
+                             "(pip install datasets), or give a text or JSONL file") from None
         data = load_from_disk(str(path))
-        if "prompt" not in data.column_names:
-            raise ValueError(f"{path}: the dataset has no 'prompt' column (columns: {data.column_names})")
+        if not hasattr(data, "column_names") or "prompt" not in data.column_names:
+            raise ValueError(f"data.prompts: the dataset {path} needs one split with a 'prompt' column (it has "
+                             f"{getattr(data, 'column_names', 'several splits')})")
         raw = list(data["prompt"])
-    elif path.suffix == ".jsonl":
-        raw = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if "prompt" not in row:
-                    raise ValueError(f"{path}:{i}: no 'prompt' field")
-                raw.append(row["prompt"])
     else:
-        raw = path.read_text().splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"data.prompts: {path} is not UTF-8 text (byte {err.start}); give a text file, JSONL or "
+                             "a `datasets` folder") from None
+        raw = lines if path.suffix != ".jsonl" else _jsonl_prompts(path, lines)
     prompts, seen, empty, dup, long = [], set(), 0, 0, 0
     for p in raw:
         p = " ".join(str(p).split())
@@ -51,12 +58,29 @@ def read_prompts(source: str | Path, max_chars: int = 1000) -> list[str]:
             continue
         seen.add(p)
         prompts.append(p)
+    if not prompts:
+        raise ValueError(f"data.prompts: {path} holds no usable prompt")
     if empty or dup or long:
         warnings.warn(f"{path}: dropped {empty} empty and {dup} duplicate prompts, truncated {long} "
                       f"over {max_chars} characters; {len(prompts)} remain", stacklevel=2)
-    if not prompts:
-        raise ValueError(f"{path} holds no usable prompt")
     return prompts
+
+
+def _jsonl_prompts(path: Path, lines: list[str]) -> list:
+    """The `prompt` field of each non-empty JSONL line; an error names the file and the line."""
+    raw = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data.prompts: {path}:{i}: not valid JSON ({err.msg}); one object a line, e.g. "
+                             '{"prompt": "a cat"}') from None
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise ValueError(f"data.prompts: {path}:{i}: no 'prompt' field")
+        raw.append(row["prompt"])
+    return raw
 
 
 def cached_embeddings(prompts: list[str], encode: Callable[[list[str]], dict[str, torch.Tensor]],
@@ -73,5 +97,5 @@ def cached_embeddings(prompts: list[str], encode: Callable[[list[str]], dict[str
         return load_file(str(path))
     out = {k: v.contiguous() for k, v in encode(prompts + [""]).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(path))
+    save_tensors(out, path)
     return out

@@ -1,38 +1,48 @@
-"""The trainer shared by all methods: accelerate, optimisers, checkpoints, resume, logging."""
+"""The trainer shared by all methods: accelerate, optimisers, checkpoints, resume, logging, the non-finite guard."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, DistributedType, ProjectConfiguration, set_seed
-from safetensors.torch import save_file
+from accelerate.utils import AutocastKwargs, DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from . import run
 from .config import Config, dump
-from .families import DTYPES, build_family
+from .errors import Interrupted, NonFiniteError, RunError
+from .families import DTYPES, build_family, check_inputs
 from .methods.tdm import TDM
 from .rng import RunRNG
 from .schedules import GridSpec, timestep_grid
 
+ROLES = ("fake", "student")
+ROLE_METRICS = {"fake": ("loss_fake", "grad_norm_fake", "w_IS"), "student": ("loss_student", "grad_norm_student", "D")}
+ROLE_NAMES = {"fake": "fake score", "student": "student"}
+
 
 class TrainState:
-    """Step counter and the method's random generators, saved with every checkpoint."""
+    """Step counter, skipped non-finite updates and the method's random generators, saved with every checkpoint."""
 
     def __init__(self, rng: RunRNG):
         self.step = 0
+        self.skipped = 0
         self.rng = rng
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "rng": self.rng.state_dict()}
+        return {"step": self.step, "skipped": self.skipped, "rng": self.rng.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.skipped = int(state["skipped"])
         self.rng.load_state_dict(state["rng"])
 
 
@@ -58,13 +68,13 @@ def use_tf32() -> None:
 
 
 class Trainer:
-    """Builds teacher, student and fake score from a config and runs a method's iterations."""
+    """Builds teacher, student and fake score from a config and runs a method's iterations in a run folder it locks."""
 
     def __init__(self, cfg: Config, run_dir: str | Path):
+        check_inputs(cfg)  # every field and input file, before anything loads
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        o, tr = cfg.optim, cfg.train
+        self.run_dir = run.prepare(run_dir)
+        tr = cfg.train
         self.accelerator = acc = Accelerator(
             mixed_precision=tr.mixed_precision,
             project_config=ProjectConfiguration(str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
@@ -82,11 +92,25 @@ class Trainer:
         if tr.batch_size % acc.num_processes:
             raise ValueError(f"train.batch_size={tr.batch_size} is the global batch: it must be a multiple of the "
                              f"{acc.num_processes} processes")
+        self.ckpts = run.Checkpoints(self.run_dir / "checkpoints")
+        stale = self._on_main(lambda: run.acquire(self.run_dir))
+        self._locked = True
+        try:
+            if stale and acc.is_main_process:
+                print(f"note: took over the lock of process {stale}, which is no longer running", file=sys.stderr)
+            note = self._on_main(lambda: run.start(self.run_dir, cfg.to_dict(), dump(cfg), main=True))
+            if note and acc.is_main_process:
+                print(f"note: {note}", file=sys.stderr)
+            self._build(cfg)
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, cfg: Config) -> None:
+        acc, o, tr = self.accelerator, cfg.optim, cfg.train
         if tr.tf32 and acc.device.type == "cuda":
             use_tf32()
         set_seed(tr.seed)
-        if acc.is_main_process:
-            (self.run_dir / "config.yaml").write_text(dump(cfg))
         self.family = family = build_family(cfg, acc.device, self.run_dir, DTYPES[tr.mixed_precision])
         with acc.main_process_first():  # the main process fits and caches; the others load its file
             pretrained = family.pretrained_net(self.run_dir / "pretrained.safetensors",
@@ -97,10 +121,8 @@ class Trainer:
             params = net.trainable_parameters() if hasattr(net, "trainable_parameters") else list(net.parameters())
             kwargs = dict(lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
             if o.adam_8bit:
-                try:
-                    from bitsandbytes.optim import AdamW8bit
-                except ImportError:
-                    raise ValueError("optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes") from None
+                from bitsandbytes.optim import AdamW8bit  # present: check_inputs asked
+
                 opt = AdamW8bit(params, **kwargs)
             else:  # one fused kernel per step instead of one launch per tensor and moment
                 opt = torch.optim.AdamW(params, fused=params[0].device.type == "cuda", **kwargs)
@@ -125,10 +147,41 @@ class Trainer:
                           cfg.teacher.guidance, Ks, GridSpec(s.grid, s.grid_N, s.grid_shift),
                           k_conditioning=bool(s.unify), fixed_shapes=tr.compile)
         self.grad_norms: dict[str, torch.Tensor] = {}
+        # The non-finite guard: per role, the first step whose [loss, grad norm] was not finite (0: none yet).
+        # Kept on the device, so an iteration never waits for it; read at log and checkpoint steps.
+        self.first_bad = {r: torch.zeros(2, dtype=torch.int64, device=acc.device) for r in ROLES}
+        self._skipped_now: list[str] = []
+        self.last_checkpoint = 0
+        # Every process must stop at the same iteration on a signal: they agree at each boundary with a host-side
+        # all-reduce (gloo: no device sync), on a group of its own when the training backend is NCCL.
+        self._stop_group = None
+        if acc.num_processes > 1 and torch.distributed.get_backend() != "gloo":
+            self._stop_group = torch.distributed.new_group(backend="gloo")
+
+    def _on_main(self, fn):
+        """`fn()` on the main process, its result or its error on every process (they must all stop alike)."""
+        acc = self.accelerator
+        out = [None, None]
+        if acc.is_main_process:
+            try:
+                out[0] = fn()
+            except Exception as err:  # noqa: BLE001  (re-raised below, on every process)
+                out[1] = err
+        if acc.num_processes > 1:
+            broadcast_object_list(out)
+        if out[1] is not None:
+            raise out[1]
+        return out[0]
+
+    def release(self) -> None:
+        """Let go of the run folder's lock (the end of `train` does it)."""
+        if self._locked and self.accelerator.is_main_process:
+            run.release(self.run_dir)
+        self._locked = False
 
     # -- one optimiser step of a role, called by the method ------------------------------
     def _update(self, role: str, loss: torch.Tensor) -> None:
-        acc = self.accelerator
+        acc, tr = self.accelerator, self.cfg.train
         net, opt, sched = ((self.student_net, self.opt_G, self.sched_G) if role == "student"
                            else (self.fake_net, self.opt_F, self.sched_F))
         role_net = acc.unwrap_model(net)
@@ -138,44 +191,120 @@ class Trainer:
         clip = self.cfg.optim.grad_clip if role == "student" and self.cfg.optim.grad_clip > 0 else float("inf")
         params = net.parameters() if acc.distributed_type == DistributedType.FSDP else [
             p for group in opt.param_groups for p in group["params"]]
-        self.grad_norms[role] = acc.clip_grad_norm_(params, clip)
+        self.grad_norms[role] = norm = acc.clip_grad_norm_(params, clip)
+        bad = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(norm)])
+        # Skipping needs the verdict before the step: a device sync, paid only when skips are allowed. The grad
+        # norm decides, as it is the same on every process after DDP's all-reduce.
+        if tr.max_nonfinite_skips and bool(bad[1]):
+            opt.zero_grad(set_to_none=True)
+            self.state.skipped += 1
+            self._skipped_now.append(role)
+            step = self.state.step + 1
+            if self.state.skipped > tr.max_nonfinite_skips:
+                raise NonFiniteError(self._nonfinite_message(step, role, "gradient norm",
+                                                             f" ({tr.max_nonfinite_skips} skips allowed, all spent)"))
+            if acc.is_main_process:
+                tqdm.write(f"step {step}: non-finite gradient norm of the {ROLE_NAMES[role]}, update skipped "
+                           f"({self.state.skipped} of train.max_nonfinite_skips={tr.max_nonfinite_skips})")
+            return
+        fb = self.first_bad[role]
+        fb.masked_fill_(bad & (fb == 0), self.state.step + 1)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if role == "student" and self.ema is not None:
             self.ema.update_parameters(acc.unwrap_model(net))
 
+    def _nonfinite_message(self, step: int, role: str, what: str, extra: str = "") -> str:
+        last = f"step_{self.last_checkpoint:07d}" if self.last_checkpoint else "none yet"
+        return (f"non-finite {what} of the {ROLE_NAMES[role]} at step {step}{extra}; nothing after it was saved "
+                f"(last checkpoint: {last}). Lower optim.lr_{role} and start afresh in another --output, or allow "
+                "skipping such steps with train.max_nonfinite_skips=N")
+
+    def check_finite(self) -> None:
+        """Stop (NonFiniteError) if any process saw a non-finite loss or gradient norm: called before anything is
+        written from the weights. Reads the device flags (a sync), and gathers them across processes."""
+        acc = self.accelerator
+        flags = torch.stack([self.first_bad[r] for r in ROLES])
+        if acc.num_processes > 1:
+            flags = acc.gather(flags[None])
+        flags = flags.reshape(-1, len(ROLES), 2).cpu()
+        found = [(int(v), role, what) for p in flags for role, row in zip(ROLES, p)
+                 for what, v in zip(("loss", "gradient norm"), row) if v > 0]
+        if found:
+            step, role, what = min(found)
+            raise NonFiniteError(self._nonfinite_message(step, role, what))
+
     # -- checkpoints ---------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(self.checkpoint_dir.glob("step_*"))
-        return ckpts[-1] if ckpts else None
+        return self.ckpts.dir
 
     def save_checkpoint(self) -> None:
-        acc = self.accelerator
-        acc.save_state(str(self.checkpoint_dir / f"step_{self.state.step:07d}"))
+        """`checkpoints/step_N`, written whole or not at all (tdm.run.Checkpoints); never from non-finite weights."""
+        self.check_finite()
+        acc, step = self.accelerator, self.state.step
+        partial = self.ckpts.partial(step)
         if acc.is_main_process:
-            for old in sorted(self.checkpoint_dir.glob("step_*"))[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
         acc.wait_for_everyone()
+        try:
+            acc.save_state(str(partial))  # every process writes its random states, the main process the rest
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                self.ckpts.commit(partial, step)
+                self.ckpts.prune(self.cfg.train.keep_checkpoints)
+        except Exception as err:
+            if acc.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            last = f"step_{self.last_checkpoint:07d}" if self.last_checkpoint else "none"
+            raise RunError(f"could not write checkpoint step_{step:07d} in {self.ckpts.dir} ({_why(err)}); the "
+                           f"last complete checkpoint ({last}) is intact: fix that, then run the same command to "
+                           "resume") from err
+        acc.wait_for_everyone()
+        self.last_checkpoint = step
 
     def resume(self) -> bool:
-        latest = self.latest_checkpoint()
-        if latest is None:
-            return False
-        self.accelerator.load_state(str(latest))
-        return True
+        """Load the newest complete checkpoint, naming any torn or corrupt newer one it skips."""
+        acc, tr = self.accelerator, self.cfg.train
+        step, path, skipped = self._on_main(self.ckpts.newest_complete)
+        if skipped and acc.is_main_process:
+            print(f"skipped checkpoint{'s' * (len(skipped) > 1)} {', '.join(skipped)}; "
+                  f"{f'resuming from {path.name}' if path else 'no complete checkpoint: starting afresh'}",
+                  file=sys.stderr)
+        if path is None:
+            done = run.student_step(self.run_dir)
+            if done is not None:
+                raise RunError(f"{self.run_dir} holds a student of step {done} but no complete checkpoint to go on "
+                               "from; pass another --output to start afresh")
+        elif step > tr.iterations:
+            raise RunError(f"train.iterations={tr.iterations} is below step {step} of {path}: a run cannot go back; "
+                           "raise train.iterations, or pass another --output to start afresh")
+        else:
+            try:
+                acc.load_state(str(path))
+            except Exception as err:
+                raise RunError(f"checkpoint {path} does not load into this run ({_why(err)}); pass another "
+                               "--output to start afresh") from err
+        if acc.is_main_process:
+            run.trim_log(self.run_dir / run.LOG, step)
+        self.last_checkpoint = step
+        return path is not None
 
     def save_student(self) -> Path:
-        """Final student weights (EMA if enabled) for `tdm sample` / `tdm eval`."""
+        """Final student weights (EMA if enabled) for `tdm sample` / `tdm eval`, with the step they were taken at."""
+        self.check_finite()
         acc = self.accelerator
         state = self.ema.module.state_dict() if self.ema is not None else acc.get_state_dict(self.student_net)
-        path = self.run_dir / "student.safetensors"
+        path = self.run_dir / run.STUDENT
         if acc.is_main_process:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(path))
+            try:
+                run.save_tensors({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, path,
+                                 metadata={"step": str(self.state.step)})
+            except Exception as err:
+                raise RunError(f"could not write {path} ({_why(err)}); the final checkpoint is complete: fix that, "
+                               "then run the same command to write the student") from err
         return path
 
     def preview(self) -> None:
@@ -201,33 +330,63 @@ class Trainer:
         B = tr.batch_size // acc.num_processes
         cond, uncond = (rng.local(c) for c in self.family.sample_cond(tr.batch_size, rng.host))
         x_T = rng.randn(self.family.sample_shape(B))
+        self._skipped_now = []
         with acc.autocast():
             m = self.method.iteration(x_T, cond, uncond, self._update, rng)
         self.state.step += 1
         m.update({f"grad_norm_{k}": v for k, v in self.grad_norms.items()}, step=self.state.step)
+        if self._skipped_now:
+            m["skipped"] = list(self._skipped_now)
         return m
 
     def _log(self, m: dict, log_path: Path, t0: float) -> dict:
-        """Metrics averaged over processes, read from the device, written to the log and the trackers."""
+        """Metrics averaged over processes, read from the device, checked, written to the log and the trackers."""
         acc = self.accelerator
         keys = [k for k, v in m.items() if torch.is_tensor(v)]
         mean = acc.reduce(torch.stack([m[k].float() for k in keys]), "mean") if acc.num_processes > 1 else None
         m = _floats({**m, **dict(zip(keys, mean))} if mean is not None else m)
+        skipped = {k for role in m.get("skipped", ()) for k in ROLE_METRICS[role]}
+        for k, v in m.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                if k not in skipped:
+                    self.check_finite()
+                    raise NonFiniteError(f"non-finite {k} at step {self.state.step}; nothing after it was saved. "
+                                         "Lower the learning rates (optim.lr_student, optim.lr_fake) and start "
+                                         "afresh in another --output")
+                m[k] = None  # a skipped update's value: JSON has no NaN
         m["wall_s"] = time.perf_counter() - t0
-        acc.log({k: v for k, v in m.items() if k != "step"}, step=self.state.step)
+        acc.log({k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "step"}, step=self.state.step)
         if acc.is_main_process:
             with log_path.open("a") as f:
-                f.write(json.dumps(m) + "\n")
+                f.write(json.dumps(m, allow_nan=False) + "\n")
         return m
 
+    def _stop_signal(self, local: int) -> int:
+        """The signal to stop on, agreed by every process at this iteration boundary (0: go on)."""
+        if self.accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([local])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._stop_group)
+        return int(flag)
+
     def train(self) -> list[dict]:
-        """Run to `train.iterations`; returns this process's metrics per iteration."""
+        """Run to `train.iterations`; returns this process's metrics per iteration. SIGINT / SIGTERM stop it at the
+        next iteration boundary with a checkpoint (`Interrupted`); the lock is released however it ends."""
+        try:
+            with run.StopRequests() as stop:
+                return self._train(stop)
+        finally:
+            self.release()
+
+    def _train(self, stop: run.StopRequests) -> list[dict]:
         acc, tr = self.accelerator, self.cfg.train
         resumed = self.resume()
         flat = {f"{sec}.{k}": str(v) if isinstance(v, (list, type(None))) else v
                 for sec, vals in self.cfg.to_dict().items() if isinstance(vals, dict) for k, v in vals.items()}
-        acc.init_trackers("tdm", config=flat)
-        log_path = self.run_dir / "train_log.jsonl"
+        # a resumed run drops the trackers' events after its checkpoint, as the log drops its lines
+        acc.init_trackers("tdm", config=flat,
+                          init_kwargs={"tensorboard": {"purge_step": self.state.step + 1}} if resumed else None)
+        log_path = self.run_dir / run.LOG
         history: list[dict] = []
         bar = tqdm(total=tr.iterations, initial=self.state.step, desc="TDM",
                    disable=not (tr.progress and acc.is_main_process))
@@ -241,18 +400,41 @@ class Trainer:
                 bar.update(1)
                 if self.state.step % tr.log_every == 0 or self.state.step == tr.iterations:
                     logged = self._log(m, log_path, t0)
-                    bar.set_postfix(L_F=f"{logged['loss_fake']:.3g}", L_G=f"{logged['loss_student']:.3g}",
-                                    D=f"{logged['D']:.3g}", fwd=logged["forwards"])
+                    bar.set_postfix(L_F=_short(logged["loss_fake"]), L_G=_short(logged["loss_student"]),
+                                    D=_short(logged["D"]), fwd=logged["forwards"])
                 if self.state.step % tr.checkpoint_every == 0 or self.state.step == tr.iterations:
                     self.save_checkpoint()
                 if tr.preview_every and self.state.step % tr.preview_every == 0:
                     self.preview()
-        except KeyboardInterrupt:
-            bar.write(f"interrupted: checkpointing step {self.state.step}; run the same command to resume")
-            self.save_checkpoint()
+                signum = self._stop_signal(stop.signum) if self.state.step < tr.iterations else 0
+                if signum:
+                    if self.last_checkpoint != self.state.step:
+                        self.save_checkpoint()
+                    raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} at step "
+                                              f"{self.state.step}: checkpoint step_{self.state.step:07d} written; "
+                                              "run the same command to resume")
+            self.save_student()
+            signum = self._stop_signal(stop.signum)
+            if signum:  # it came during the last iteration: the run is complete, what follows is not run
+                raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} after the last "
+                                          f"iteration: {self.run_dir / run.STUDENT} is written; `tdm eval "
+                                          f"{self.run_dir}` evaluates it")
+        except (Interrupted, NonFiniteError):  # every process stops here alike: trackers can be closed
+            bar.close()
+            acc.end_training()
             raise
         bar.close()
-        self.save_student()
         acc.end_training()
         return [_floats(m) for m in history]
 
+
+def _short(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _why(err: BaseException) -> str:
+    """One line for a library error: an OSError's reason, else the first line of its message."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

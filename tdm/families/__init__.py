@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import torch
 
-from ..config import Config
+from ..config import FAMILIES, Config, validate
 
 # frozen networks' dtype under each `train.mixed_precision`
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox", "digits-sd")
 _DIFFUSERS = {  # family -> (module, class): one small adapter file each
     "sd15": ("sd15", "SD15Family"),
     "sdxl": ("sdxl", "SDXLFamily"),
@@ -20,25 +20,78 @@ _DIFFUSERS = {  # family -> (module, class): one small adapter file each
     "cogvideox": ("cogvideox", "CogVideoXFamily"),
     "digits-sd": ("digits_sd", "DigitsSDFamily"),   # sd15 plus the digit classifier's metrics
 }
+_CLASSES = {"toy": ("toy", "ToyFamily"), "digits": ("digits", "DigitsFamily"), **_DIFFUSERS}
+
+# Fields that only some families read: set for another family, they would be silently ignored.
+_TOY, _DIFF = ("toy",), tuple(_DIFFUSERS)
+ONLY = {
+    "teacher.path": tuple(f for f in FAMILIES if f != "toy"),
+    **{f"teacher.{k}": _TOY for k in ("mixture", "beta_schedule", "beta_start", "beta_end")},
+    **{f"net.{k}": _TOY for k in ("prediction_type", "hidden", "depth", "pretrain_steps", "pretrain_batch",
+                                  "pretrain_lr")},
+    "student.unify": _TOY,  # the step-count embedding exists in the toy MLP only (§6)
+    "teacher.resolution": _DIFF, "teacher.frames": ("cogvideox",),
+    **{f"data.{k}": _DIFF for k in ("prompts", "max_prompt_chars")},
+    **{f"lora.{k}": _DIFF for k in ("enabled", "rank", "alpha", "targets")},
+    **{f"train.{k}": _DIFF for k in ("preview_every", "gradient_checkpointing", "channels_last", "compile",
+                                     "teacher_offload")},
+}
 
 
 def family_class(name: str):
-    """A diffusers family's adapter class, without loading anything."""
-    module, cls = _DIFFUSERS[name]
+    """A family's adapter class, without loading anything."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown teacher family {name!r}; available: {', '.join(FAMILIES)}")
+    module, cls = _CLASSES[name]
     return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
+def check_inputs(cfg: Config, dry: bool = False) -> None:
+    """Validation before anything loads: every field (`config.validate`), fields the family would ignore, then the
+    family's own inputs (teacher folder against the family, prompts, mixture file), reading configs and text only.
+    `dry` (a dry run): inputs not given yet are not required."""
+    validate(cfg)
+    family = cfg.teacher.family
+    default = Config()
+    for key, families in ONLY.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if family not in families and value != getattr(getattr(default, section), name):
+            raise ValueError(f"{key}={value!r} is not used by the {family} family (only by {', '.join(families)}); "
+                             "remove it")
+    cls = family_class(family)
+    if cfg.train.eval_samples and not hasattr(cls, "quality"):
+        raise ValueError(f"train.eval_samples={cfg.train.eval_samples}: the {family} family has no built-in "
+                         "metric; set train.eval_samples=0 and judge samples (`tdm sample`, previews)")
+    if cfg.optim.adam_8bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes")
+    cls.check_inputs(cfg, dry)
+
+
+def check_grids(cfg: Config, schedule) -> None:
+    """The student's grid(s) and the tau margins on the teacher's schedule (its timestep count), before any network
+    loads; each family calls it once its schedule is known."""
+    from ..schedules import GridSpec, timestep_grid
+
+    s, c = cfg.student, cfg.tdm
+    for K in s.unify or [s.steps]:
+        try:
+            timestep_grid(K, GridSpec(s.grid, s.grid_N, s.grid_shift), schedule.T, schedule.discrete)
+        except ValueError as err:
+            raise ValueError(f"student.grid={s.grid} with K={K} steps (grid_N={s.grid_N}) does not fit the "
+                             f"teacher's {schedule.T} timesteps: {err}") from None
+    for key, v in (("tdm.tau_min", c.tau_min), ("tdm.tau_margin", c.tau_margin)):
+        if v >= schedule.T:
+            raise ValueError(f"{key}={v} must be below the teacher's {schedule.T} timesteps")
 
 
 def build_family(cfg: Config, device="cpu", run_dir=None, dtype: torch.dtype = torch.float32):
     """The adapter of `cfg.teacher.family`; `run_dir` holds caches (prompt embeddings); frozen networks are held
-    in `dtype` (the toy teacher is exact maths in float64)."""
+    in `dtype` (the toy teacher is exact maths in float64). Checks the config and inputs first."""
+    check_inputs(cfg)
+    cls = family_class(cfg.teacher.family)
     if cfg.teacher.family == "toy":
-        from .toy import ToyFamily
-
-        return ToyFamily(cfg, device)
+        return cls(cfg, device)
     if cfg.teacher.family == "digits":
-        from .digits import DigitsFamily
-
-        return DigitsFamily(cfg, device, dtype)
-    if cfg.teacher.family in _DIFFUSERS:
-        return family_class(cfg.teacher.family)(cfg, device, run_dir, dtype)
-    raise ValueError(f"unknown teacher family {cfg.teacher.family!r}; available: {', '.join(FAMILIES)}")
+        return cls(cfg, device, dtype)
+    return cls(cfg, device, run_dir, dtype)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..run import read_json
 from .diffusers_base import DiffusersFamily, vae_shape
 from .sd3 import text_only_pipeline
 
@@ -40,6 +41,17 @@ class CogVideoXFamily(DiffusersFamily):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' CogVideoX LoRA recipe
     prediction_type = "v_prediction"  # CogVideoX schedulers' default; the config's value wins
     max_sequence_length = 226  # the pipeline pads T5 tokens to exactly this; the transformer expects it
+
+    @classmethod
+    def check_inputs(cls, cfg, dry: bool = False) -> None:
+        """The diffusers checks, and a frame count the VAE maps to whole latent frames (4k + 1)."""
+        super().check_inputs(cfg, dry)
+        if not cfg.teacher.path:
+            return
+        temporal = read_json(Path(cfg.teacher.path) / "vae" / "config.json").get("temporal_compression_ratio", 4)
+        if (cfg.teacher.frames - 1) % temporal:
+            raise ValueError(f"teacher.frames={cfg.teacher.frames}: CogVideoX takes {temporal}k + 1 frames "
+                             f"(e.g. 9, 49)")
 
     def __init__(self, *args, **kwargs):
         self._rope: dict = {}

@@ -9,6 +9,7 @@ teacher is the same base with adapters disabled, so the big network is held once
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,18 +18,20 @@ from torch import nn
 from ..config import Config
 from ..denoiser import Denoiser
 from ..prompts import cached_embeddings, read_prompts
+from ..run import atomic_write, read_json
 from ..schedules import Schedule, VPSchedule
+from . import check_grids
 
 ROLES = ("student", "fake")
 
 
 def scheduler_config(path: Path) -> dict:
-    return json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return read_json(path / "scheduler" / "scheduler_config.json")
 
 
 def vae_shape(path: Path, resolution: int) -> tuple[int, int]:
     """Latent channels and side from the VAE config (one 2x downsampling per block after the first)."""
-    vae = json.loads((path / "vae" / "config.json").read_text())
+    vae = read_json(path / "vae" / "config.json")
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     if resolution % factor:
         raise ValueError(f"teacher.resolution={resolution} is not a multiple of the VAE factor {factor}")
@@ -160,23 +163,58 @@ class DiffusersFamily:
         raise NotImplementedError
 
     # -- shared machinery -----------------------------------------------------------------
+    @classmethod
+    def check_inputs(cls, cfg: Config, dry: bool = False) -> None:
+        """The teacher folder holds this family's pipeline with readable configs, the resolution fits its VAE, the
+        prompts read, and no switch of the other training mode is set. Reads configs and text only; `dry`: teacher
+        and prompts are not required (a dry run estimates without them)."""
+        if cfg.optim.ema > 0 and cfg.lora.enabled:
+            raise ValueError("optim.ema would copy the whole base in LoRA mode; not supported yet (set optim.ema=0, "
+                             "or lora.enabled=false)")
+        if cfg.train.teacher_offload and cfg.lora.enabled:
+            raise ValueError("train.teacher_offload is for full mode (lora.enabled=false): in LoRA mode the teacher "
+                             "is the shared base")
+        if not cfg.teacher.path and dry:
+            return
+        if not cfg.teacher.path:
+            raise ValueError("no teacher: give --teacher PATH (teacher.path), a local diffusers pipeline folder")
+        path = Path(cfg.teacher.path)
+        if not (path / "model_index.json").is_file():
+            what = "does not exist" if not path.exists() else "is not a diffusers pipeline folder (no model_index.json)"
+            raise FileNotFoundError(f"teacher.path={path} {what}; give a folder saved by a diffusers pipeline's "
+                                    "save_pretrained")
+        kind = read_json(path / "model_index.json").get("_class_name")
+        if kind != cls.pipeline_class:
+            from ..config import PRESETS
+            from . import _DIFFUSERS, family_class
+
+            fits = [name for name, p in PRESETS.items() if p["teacher"].get("family") in _DIFFUSERS
+                    and family_class(p["teacher"]["family"]).pipeline_class == kind]
+            hint = f"use --preset {' or '.join(fits)}" if fits else "no preset takes it"
+            raise ValueError(f"teacher.path={path} holds a {kind}, but the {cfg.teacher.family} family takes a "
+                             f"{cls.pipeline_class}; {hint}")
+        for name in (f"{cls.network_folder}/config.json", "scheduler/scheduler_config.json", "vae/config.json"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"teacher.path={path}: {name} is missing; the pipeline folder is incomplete")
+            read_json(path / name)
+        vae_shape(path, cfg.teacher.resolution)
+        if not cfg.data.prompts and dry:
+            return
+        if not cfg.data.prompts:
+            raise ValueError("no prompts: give --prompts FILE (data.prompts), a text file (one prompt a line), JSONL "
+                             "with a 'prompt' field, or a `datasets` folder with a 'prompt' column")
+        with warnings.catch_warnings():  # the family reads them again, and warns then
+            warnings.simplefilter("ignore")
+            read_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
+
     def __init__(self, cfg: Config, device: torch.device | str = "cpu", run_dir: str | Path | None = None,
                  dtype: torch.dtype = torch.float32):
-        if cfg.student.unify:
-            raise ValueError("TDM-unify's K embedding is not wired into diffusers networks yet")
-        if cfg.optim.ema > 0 and cfg.lora.enabled:
-            raise ValueError("optim.ema would copy the whole base in LoRA mode; not supported yet")
-        if cfg.train.teacher_offload and cfg.lora.enabled:
-            raise ValueError("train.teacher_offload is for full mode: in LoRA mode the teacher is the shared base")
-        if not cfg.teacher.path:
-            raise ValueError("set teacher.path (or --teacher PATH) to a local diffusers folder")
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = dtype                  # frozen networks: base, teacher, text encoders, VAE
         self.path = Path(cfg.teacher.path)
-        if not (self.path / "model_index.json").exists():
-            raise FileNotFoundError(f"{self.path} is not a diffusers pipeline folder (no model_index.json)")
         self.schedule = self.load_schedule(self.path)
+        check_grids(cfg, self.schedule)
         # Prompts first: the text encoders (T5-XXL alone holds 9 GiB in bf16) are gone before the network loads.
         prompts = read_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
         cache = Path(run_dir) if run_dir is not None else self.path
@@ -288,8 +326,18 @@ class DiffusersFamily:
         cond = self._cond(torch.arange(n, device=self.device))
         rows = [self.decode(sample_student(student, x_T, grid_of(K), cond)) for K in Ks]
         image = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # K rows x n prompts
-        from PIL import Image
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+        _save_image(image, path)
         return image
+
+    def save_samples(self, x: torch.Tensor, cond: dict, path: Path) -> None:
+        """`tdm sample`: the decoded samples side by side (a video: its first frame)."""
+        _save_image(torch.cat(list(self.decode(x)), dim=2), path)
+
+
+def _save_image(image: torch.Tensor, path: Path) -> None:
+    """(3, H, W) in [0, 1] -> a PNG, written whole or not at all."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    atomic_write(path, lambda p: pixels.save(p, format="PNG"))

@@ -15,6 +15,8 @@ from ..images.digits import load_digits_split
 from ..images.metrics import DigitEvaluator
 from ..images.report import image_grid, quality_plot, write_report
 from ..images.teacher import NUM_CLASSES, LabelUNet, load_teacher
+from ..run import read_json
+from . import check_grids
 
 
 def teacher_dir(path: str) -> Path:
@@ -28,15 +30,32 @@ class DigitsFamily:
     """Class-conditional 8x8 images; the distillation loop sees labels only, never images."""
 
     conditional = True
+    num_classes = NUM_CLASSES
     teacher_steps = (1, 2, 4, 8, 25, 50)   # teacher sampler steps that `tdm eval` measures
     student_eval_Ks = (1, 2, 4)            # the student is shown at these K whatever it was trained for
 
+    @staticmethod
+    def check_inputs(cfg: Config, dry: bool = False) -> None:
+        """A folder written by `tdm teacher train --preset digits`: a UNet2DModel and its scheduler config."""
+        folder = teacher_dir(cfg.teacher.path)
+        if (folder / "model_index.json").is_file():
+            raise ValueError(f"teacher.path={folder} is a diffusers pipeline folder; the digits preset takes a "
+                             "folder written by `tdm teacher train --preset digits` (pipelines: sd15, sdxl, ... "
+                             "presets)")
+        for name in ("unet/config.json", "scheduler/scheduler_config.json"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"teacher.path={folder} holds no digits teacher ({name} is missing); train "
+                                        "one with `tdm teacher train --preset digits --output DIR`")
+        kind = read_json(folder / "unet" / "config.json").get("_class_name")
+        if kind != "UNet2DModel":
+            raise ValueError(f"teacher.path={folder}: unet/config.json names {kind}, not the UNet2DModel of a "
+                             "digits teacher")
+
     def __init__(self, cfg: Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        if cfg.student.unify:
-            raise ValueError("the digits family has no step-count embedding; TDM-unify needs the toy family for now")
         self.cfg = cfg
         self.device = torch.device(device)
         self.teacher_net, self.schedule, self.teacher_info = load_teacher(teacher_dir(cfg.teacher.path))
+        check_grids(cfg, self.schedule)
         self.teacher_net.requires_grad_(False).eval().to(self.device)
         self.frozen_teacher = copy.deepcopy(self.teacher_net).to(dtype)  # students start from the fp32 weights
         self.teacher = Denoiser(self.frozen_teacher, self.schedule, "epsilon")

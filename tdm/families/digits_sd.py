@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ..images.digits import load_digits_split
 from ..images.metrics import DigitEvaluator
 from ..images.report import image_grid, quality_plot, write_report
 from ..images.sd_teacher import MAX_TOKENS, prompt_label, to_digit
+from ..prompts import read_prompts
 from .sd15 import SD15Family
 
 NULL_LABEL = 10                  # the empty prompt's label: no digit
@@ -33,15 +35,31 @@ class DigitsSDFamily(SD15Family):
     """SD15Family plus the digit labels of its prompts (a `labels` entry in every condition, which
     `SD15Family.call` ignores) and the classifier's metrics on decoded samples."""
 
+    num_classes = NULL_LABEL         # digits 0..9, each with its prompts
     teacher_steps = (4, 8, 25, 50)   # teacher sampler steps that `tdm eval` measures
     student_eval_Ks = (1, 2, 4)      # the student is shown at these K whatever it was trained for
 
-    def __init__(self, cfg: Config, device: torch.device | str = "cpu", run_dir: str | Path | None = None,
-                 dtype: torch.dtype = torch.float32):
+    @staticmethod
+    def _resolved(cfg: Config) -> Config:
+        """The named folder made a path, and its own prompts (what it was trained on) unless others are given."""
         cfg = copy.deepcopy(cfg)
         cfg.teacher.path = str(teacher_dir(cfg.teacher.path))
-        cfg.data.prompts = cfg.data.prompts or str(Path(cfg.teacher.path) / "prompts.txt")  # what it was trained on
-        super().__init__(cfg, device, run_dir, dtype)
+        cfg.data.prompts = cfg.data.prompts or str(Path(cfg.teacher.path) / "prompts.txt")
+        return cfg
+
+    @classmethod
+    def check_inputs(cls, cfg: Config, dry: bool = False) -> None:
+        """SD1.5's checks, and every prompt names one digit: the classifier's label of its samples."""
+        cfg = cls._resolved(cfg)
+        super().check_inputs(cfg, dry)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for prompt in read_prompts(cfg.data.prompts, cfg.data.max_prompt_chars):
+                prompt_label(prompt)
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu", run_dir: str | Path | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(self._resolved(cfg), device, run_dir, dtype)
         self.labels = torch.tensor([prompt_label(p) for p in self.prompts] + [NULL_LABEL], device=self.device)
         self._evaluator = None
 

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import Config
 from ..denoiser import Denoiser
 from ..gmm import ExactGMMNet, GaussianMixture
 from ..metrics import energy_distance, mode_stats, sliced_wasserstein
 from ..plots import scatter_panels
+from ..run import save_tensors
 from ..schedules import VPSchedule
+from . import check_grids
 from .mlp import MLPDenoiserNet, fit_diffusion
 
 
@@ -23,12 +25,13 @@ def load_mixture(name_or_path: str) -> GaussianMixture:
     """An embedded mixture by name (`ring8`, `cond4d`) or a YAML/JSON file."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml", ".json"):
-        if not path.exists():
-            raise FileNotFoundError(f"mixture file {path} does not exist")
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher.mixture: {path} is not a file; give a .yaml/.json mixture file or "
+                                    "one of ring8, cond4d")
         return GaussianMixture.from_file(path)
     embedded = resources.files("tdm.presets") / f"{name_or_path}.yaml"
     if not embedded.is_file():
-        raise ValueError(f"unknown mixture {name_or_path!r}: give a .yaml/.json file or one of ring8, cond4d")
+        raise ValueError(f"teacher.mixture={name_or_path!r} is neither a .yaml/.json file nor one of ring8, cond4d")
     return GaussianMixture.from_dict(yaml.safe_load(embedded.read_text()), source=name_or_path)
 
 
@@ -38,18 +41,31 @@ class ToyFamily:
     teacher_steps = (1, 2, 4, 8, 50)   # teacher sampler steps that `tdm eval` measures
     student_eval_Ks = ()               # only the trained K
 
+    @staticmethod
+    def check_inputs(cfg: Config, dry: bool = False) -> None:
+        """The mixture reads, and CFG has classes to guide towards."""
+        mixture = load_mixture(cfg.teacher.mixture)
+        if cfg.teacher.guidance != 1 and mixture.labels is None:
+            raise ValueError(f"teacher.guidance={cfg.teacher.guidance:g} needs a class-conditional mixture; "
+                             f"{cfg.teacher.mixture} has no labels (use teacher.guidance=1, or cond4d)")
+
     def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
         t = cfg.teacher
         self.cfg = cfg
         self.device = torch.device(device)
         self.mixture = load_mixture(t.mixture)
         self.schedule = VPSchedule.from_betas(t.beta_schedule, t.beta_start, t.beta_end)
+        check_grids(cfg, self.schedule)
         self.teacher = Denoiser(ExactGMMNet(self.mixture, self.schedule), self.schedule, "sample")
         self.max_K = max(cfg.student.unify) if cfg.student.unify else 0
 
     @property
     def conditional(self) -> bool:
         return self.mixture.labels is not None
+
+    @property
+    def num_classes(self) -> int:
+        return self.mixture.num_classes
 
     def sample_shape(self, n: int) -> tuple[int, ...]:
         return (n, self.mixture.dim)
@@ -74,7 +90,7 @@ class ToyFamily:
         fit_diffusion(net, self.mixture, self.schedule, n.prediction_type, n.pretrain_steps, n.pretrain_batch,
                       n.pretrain_lr, generator=generator, progress=self.cfg.train.progress)
         if path is not None:
-            save_file(net.state_dict(), str(path))
+            save_tensors(net.state_dict(), path)
         return net
 
     def student_and_fake(self, pretrained: MLPDenoiserNet) -> tuple[MLPDenoiserNet, MLPDenoiserNet]:
