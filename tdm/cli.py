@@ -22,6 +22,9 @@ def _distill(args) -> int:
     from .config import dump, resolve
     from .families import _DIFFUSERS, check_inputs
 
+    for flag, key in (("teacher", "teacher.path"), ("prompts", "data.prompts")):
+        if getattr(args, flag) is not None and any(o.split("=", 1)[0].strip() == key for o in args.overrides):
+            raise ValueError(f"--{flag} and {key}= both set {key}; keep one")
     extra = [f"teacher.path={args.teacher}"] * (args.teacher is not None) + [
         f"data.prompts={args.prompts}"] * (args.prompts is not None)
     cfg = resolve(args.preset, extra + args.overrides)
@@ -157,7 +160,7 @@ def _sample(args) -> int:
         raise ValueError("give a RUN_DIR, or --teacher PATH [--lora FOLDER] --prompt TEXT")
     wrong = [f"--{k}" for k in ("lora", "inference", "prompt") if getattr(args, k) is not None]
     if wrong:
-        raise ValueError(f"{', '.join(wrong)} go with --teacher PATH (a stock pipeline); a run samples its own "
+        raise ValueError(f"{', '.join(wrong)}: only for --teacher PATH (a stock pipeline); a run samples its own "
                          "conditions")
     if args.nfe is not None and not args.sampler:
         raise ValueError("--nfe is the teacher's step count: it goes with --sampler ddim|dpmpp_2m")

@@ -250,14 +250,10 @@ def resolve(preset: str, overrides: list[str] | None = None) -> Config:
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
     cfg = Config.from_dict({"preset": preset, **PRESETS[preset]})
-    seen = set()
-    for item in overrides or []:
+    for item in overrides or []:  # a later override of the same key wins
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, raw = (part.strip() for part in item.split("=", 1))
-        if key in seen:
-            raise ValueError(f"{key} is given twice (--teacher sets teacher.path, --prompts data.prompts); keep one")
-        seen.add(key)
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:

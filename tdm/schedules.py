@@ -219,10 +219,17 @@ def check_grid(grid: torch.Tensor, T: int) -> torch.Tensor:
     if grid.ndim != 1 or len(grid) < 2:
         raise ValueError("a timestep grid needs at least two entries [t_K, ..., 0]")
     if torch.any(grid[1:] >= grid[:-1]):
-        raise ValueError(f"timestep grid must be strictly descending, got {grid.tolist()}")
+        raise ValueError(f"timestep grid must be strictly descending, got {_shown(grid)}")
     if grid[-1] != 0 or grid[0] > T:
-        raise ValueError(f"timestep grid must end at 0 and start at most at T={T}, got {grid.tolist()}")
+        raise ValueError(f"timestep grid must end at 0 and start at most at T={T}, got {_shown(grid)}")
     return grid
+
+
+def _shown(grid: torch.Tensor) -> str:
+    """A grid for a message: whole if short, else its ends (an error stays one readable line)."""
+    g = grid.tolist()
+    return str(g) if len(g) <= 10 else f"[{', '.join(map(str, g[:4]))}, ..., {', '.join(map(str, g[-4:]))}] " \
+                                         f"({len(g)} entries)"
 
 
 def teacher_grid(nfe_steps: int, schedule: Schedule) -> torch.Tensor:

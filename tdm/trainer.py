@@ -229,11 +229,10 @@ class Trainer:
         if acc.num_processes > 1:
             flags = acc.gather(flags[None])
         flags = flags.reshape(-1, len(ROLES), 2).cpu()
-        found = [(int(v), role, what) for p in flags for role, row in zip(ROLES, p)
-                 for what, v in zip(("loss", "gradient norm"), row) if v > 0]
+        found = [(int(v), r, w) for p in flags for r, row in enumerate(p) for w, v in enumerate(row) if v > 0]
         if found:
-            step, role, what = min(found)
-            raise NonFiniteError(self._nonfinite_message(step, role, what))
+            step, r, w = min(found)  # the first step; the fake score before the student, a loss before its gradient
+            raise NonFiniteError(self._nonfinite_message(step, ROLES[r], ("loss", "gradient norm")[w]))
 
     # -- checkpoints ---------------------------------------------------------------------
     @property

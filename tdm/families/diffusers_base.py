@@ -34,7 +34,8 @@ def vae_shape(path: Path, resolution: int) -> tuple[int, int]:
     vae = read_json(path / "vae" / "config.json")
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     if resolution % factor:
-        raise ValueError(f"teacher.resolution={resolution} is not a multiple of the VAE factor {factor}")
+        raise ValueError(f"teacher.resolution={resolution} is not a multiple of the VAE factor {factor}; use e.g. "
+                         f"{max(factor, resolution // factor * factor)}")
     return vae["latent_channels"], resolution // factor
 
 

@@ -16,6 +16,7 @@ from ..images.metrics import DigitEvaluator
 from ..images.report import image_grid, quality_plot, write_report
 from ..images.teacher import NUM_CLASSES, LabelUNet, load_teacher
 from ..run import read_json
+from ..schedules import VPSchedule
 from . import check_grids
 
 
@@ -50,12 +51,12 @@ class DigitsFamily:
         if kind != "UNet2DModel":
             raise ValueError(f"teacher.path={folder}: unet/config.json names {kind}, not the UNet2DModel of a "
                              "digits teacher")
+        check_grids(cfg, VPSchedule.from_config(read_json(folder / "scheduler" / "scheduler_config.json")))
 
     def __init__(self, cfg: Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.cfg = cfg
         self.device = torch.device(device)
         self.teacher_net, self.schedule, self.teacher_info = load_teacher(teacher_dir(cfg.teacher.path))
-        check_grids(cfg, self.schedule)
         self.teacher_net.requires_grad_(False).eval().to(self.device)
         self.frozen_teacher = copy.deepcopy(self.teacher_net).to(dtype)  # students start from the fp32 weights
         self.teacher = Denoiser(self.frozen_teacher, self.schedule, "epsilon")

@@ -43,11 +43,13 @@ class ToyFamily:
 
     @staticmethod
     def check_inputs(cfg: Config, dry: bool = False) -> None:
-        """The mixture reads, and CFG has classes to guide towards."""
-        mixture = load_mixture(cfg.teacher.mixture)
-        if cfg.teacher.guidance != 1 and mixture.labels is None:
-            raise ValueError(f"teacher.guidance={cfg.teacher.guidance:g} needs a class-conditional mixture; "
-                             f"{cfg.teacher.mixture} has no labels (use teacher.guidance=1, or cond4d)")
+        """The mixture reads, CFG has classes to guide towards, the student's grid fits the schedule."""
+        t = cfg.teacher
+        mixture = load_mixture(t.mixture)
+        if t.guidance != 1 and mixture.labels is None:
+            raise ValueError(f"teacher.guidance={t.guidance:g} needs a class-conditional mixture; {t.mixture} has no "
+                             "labels (use teacher.guidance=1, or cond4d)")
+        check_grids(cfg, VPSchedule.from_betas(t.beta_schedule, t.beta_start, t.beta_end))
 
     def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
         t = cfg.teacher
@@ -55,7 +57,6 @@ class ToyFamily:
         self.device = torch.device(device)
         self.mixture = load_mixture(t.mixture)
         self.schedule = VPSchedule.from_betas(t.beta_schedule, t.beta_start, t.beta_end)
-        check_grids(cfg, self.schedule)
         self.teacher = Denoiser(ExactGMMNet(self.mixture, self.schedule), self.schedule, "sample")
         self.max_K = max(cfg.student.unify) if cfg.student.unify else 0
 
