@@ -165,7 +165,7 @@ class Trainer:
         if acc.is_main_process:
             try:
                 out[0] = fn()
-            except Exception as err:  # noqa: BLE001  (re-raised below, on every process)
+            except Exception as err:  # re-raised below, on every process
                 out[1] = err
         if acc.num_processes > 1:
             broadcast_object_list(out)
