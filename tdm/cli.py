@@ -250,8 +250,9 @@ def _sample_pipeline(args) -> int:
 
 
 def _eval(args) -> int:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, run_config
 
+    run_config(args.run_dir)  # a finished run, before its folder is locked
     with run.lock(Path(args.run_dir)):  # not while a run trains in it: its own evaluation writes the same files
         _print_metrics(evaluate(args.run_dir, n=args.n, seed=args.seed))
     print(f"wrote {Path(args.run_dir) / 'metrics.json'}")

@@ -193,9 +193,13 @@ class Checkpoints:
             return f"missing {sorted(set(listed) - on_disk)[0]}"
         for name, entry in listed.items():
             p = folder / name
-            if p.stat().st_size != entry["bytes"]:
-                return f"{name} has {p.stat().st_size} bytes, not {entry['bytes']}"
-            if hashes and _sha256(p) != entry["sha256"]:
+            try:
+                size, digest = entry["bytes"], entry["sha256"]
+            except (KeyError, TypeError):
+                return "unreadable manifest"
+            if p.stat().st_size != size:
+                return f"{name} has {p.stat().st_size} bytes, not {size}"
+            if hashes and _sha256(p) != digest:
                 return f"{name} is corrupt (SHA-256 differs)"
         return None
 
@@ -215,12 +219,11 @@ class Checkpoints:
         return final
 
     def prune(self, keep: int) -> None:
-        """Keep the newest `keep` complete checkpoints (at least the one just written); remove torn ones."""
+        """Keep the newest `keep` complete checkpoints (at least the one just written) and remove partial folders.
+        An incomplete `step_N` is left alone (named on resume, replaced when step N is written again): it may be
+        a checkpoint of an older tdm, which only its owner can judge."""
         complete = [p for _, p in self.all() if self.problem(p, hashes=False) is None]
-        doomed = complete[:-keep] + [p for _, p in self.all() if p not in complete]
-        for p in doomed:
-            shutil.rmtree(p)
-        for p in self.dir.glob(".partial_step_*"):
+        for p in complete[:-keep] + list(self.dir.glob(".partial_step_*")):
             shutil.rmtree(p)
 
     def newest_complete(self) -> tuple[int, Path | None, list[str]]:

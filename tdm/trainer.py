@@ -268,15 +268,17 @@ class Trainer:
         """Load the newest complete checkpoint, naming any torn or corrupt newer one it skips."""
         acc, tr = self.accelerator, self.cfg.train
         step, path, skipped = self._on_main(self.ckpts.newest_complete)
+        if path is None and skipped:  # never guess: starting afresh would write over them
+            raise RunError(f"no complete checkpoint in {self.ckpts.dir} to resume from: {', '.join(skipped)}; "
+                           "delete that folder to start afresh, or pass another --output")
         if skipped and acc.is_main_process:
-            print(f"skipped checkpoint{'s' * (len(skipped) > 1)} {', '.join(skipped)}; "
-                  f"{f'resuming from {path.name}' if path else 'no complete checkpoint: starting afresh'}",
+            print(f"skipped checkpoint{'s' * (len(skipped) > 1)} {', '.join(skipped)}; resuming from {path.name}",
                   file=sys.stderr)
         if path is None:
             done = run.student_step(self.run_dir)
             if done is not None:
-                raise RunError(f"{self.run_dir} holds a student of step {done} but no complete checkpoint to go on "
-                               "from; pass another --output to start afresh")
+                raise RunError(f"{self.run_dir} holds a student of step {done} but no checkpoint to go on from; "
+                               "pass another --output to start afresh")
         elif step > tr.iterations:
             raise RunError(f"train.iterations={tr.iterations} is below step {step} of {path}: a run cannot go back; "
                            "raise train.iterations, or pass another --output to start afresh")

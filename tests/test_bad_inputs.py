@@ -203,6 +203,7 @@ CASES = [
     ("export_output_file", ["export", "{sdrun}", "--output", "{d}/a_file"], ["a_file", "is a file"]),
     ("eval_no_metric", ["eval", "{sdrun}"], ["sd15 run has no built-in metric", "tdm sample"]),
     ("eval_no_samples", ["eval", "{toy}"], ["train.eval_samples is 0", "--n N"]),
+    ("eval_missing_run", ["eval", "{d}/nope"], ["nope", "not a run folder"]),
     ("gpu_memory_without_dry_run", ["distill", "--preset", "toy-gmm", "--gpu-memory", "24GB"],
      ["--gpu-memory goes with --dry-run"]),
     ("gpu_memory_size", [*DRY, "--gpu-memory", "lots"], ["--gpu-memory 'lots'", "24GB"]),

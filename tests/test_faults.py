@@ -115,6 +115,19 @@ def test_a_checkpoint_killed_half_written_is_ignored(reference, tmp_path, one_th
     assert not partial.exists() and _same_student(run, reference)
 
 
+def test_no_complete_checkpoint_is_refused_not_overwritten(tmp_path, capsys, one_thread):
+    """Only damaged checkpoints (or ones of a tdm older than manifests): starting afresh would write over them, so
+    the run refuses, names them and the fix."""
+    run = tmp_path / "r"
+    _train(run, "train.iterations=10")
+    (run / "student.safetensors").unlink()
+    (run / "checkpoints" / "step_0000010" / "manifest.json").unlink()
+    assert _distill(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no complete checkpoint" in err[0] and "step_0000010 (no manifest" in err[0], err
+    assert (run / "checkpoints" / "step_0000010" / "model.safetensors").exists()
+
+
 def test_keep_checkpoints_never_removes_the_newest(tmp_path, one_thread):
     run = tmp_path / "r"
     _train(run, "train.keep_checkpoints=1")
