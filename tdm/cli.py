@@ -1,4 +1,4 @@
-"""Command line: `tdm distill | sample | eval | presets`."""
+"""Command line: `tdm distill | sample | eval | export | presets | teacher train`, and its one-line errors."""
 
 from __future__ import annotations
 

@@ -298,14 +298,18 @@ def start(run_dir: Path, cfg_dict: dict, dump: str, main: bool) -> str | None:
 
 
 def student_step(run_dir: str | Path) -> int | None:
-    """The iteration `student.safetensors` was written at (None: no student, or one without the record)."""
+    """The iteration `student.safetensors` was written at (None: no student, an unreadable one, which training
+    writes again from its final checkpoint, or one without the record)."""
     path = Path(run_dir) / STUDENT
     if not path.exists():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        step = (f.metadata() or {}).get("step")
+    try:
+        with safe_open(str(path), "pt") as f:
+            step = (f.metadata() or {}).get("step")
+    except SafetensorError:
+        return None
     return int(step) if step is not None else None
 
 
