@@ -58,10 +58,14 @@ def measure(args: list[str], run_dir: Path) -> dict:
     """In a fresh process: build the trainer, run one iteration, measure the second."""
     import gc
 
-    import peft  # noqa: F401  (imported before the baseline: libraries are not what we measure)
+    import diffusers  # noqa: F401  (imported before the baseline: libraries are not what we measure)
+    import peft  # noqa: F401
     import torch
     import transformers  # noqa: F401
+    from diffusers import UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
+    import tdm.families.sd15  # noqa: F401
     from tdm.config import resolve
     from tdm.trainer import Trainer
 
