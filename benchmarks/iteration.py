@@ -105,7 +105,7 @@ def unit_costs(t: Trainer) -> tuple:
     B = tr.batch_size // acc.num_processes
     cond, _ = (rng.local(c) for c in t.family.sample_cond(tr.batch_size, rng.host))
     x, tk = rng.randn(t.family.sample_shape(B)), m.grids[m.Ks[0]][0]
-    role = acc.unwrap_model(t.student_net)
+    role = acc.unwrap_model(t.nets["student"])
 
     def forward():
         with acc.autocast(), torch.no_grad():
@@ -116,7 +116,7 @@ def unit_costs(t: Trainer) -> tuple:
             x0, _ = m.student(x, tk, cond)
         role.activate()
         x0.float().square().mean().backward()
-        t.opt_G.zero_grad(set_to_none=True)
+        t.opts["student"].zero_grad(set_to_none=True)
 
     return forward, forward_backward
 

@@ -91,13 +91,14 @@ def _finished(cfg, run_dir: Path, evaluate_after: bool) -> bool:
 def _print_estimate(cfg, gpu: int | None = None) -> None:
     """Forwards per iteration and, for diffusers teachers, memory by phase (configs only) and, given the
     GPU's size, whether it fits and which switches would make it fit."""
-    from .estimate import USABLE, GiB, advise, forwards_per_iteration, memory_estimate
+    from .estimate import USABLE, GiB, advise, memory_estimate
     from .families import _DIFFUSERS, family_class
+    from .methods.base import method_class
 
-    K = max(cfg.student.unify or [cfg.student.steps])
-    f = forwards_per_iteration(K, cfg.teacher.guidance, cfg.tdm.fake_anchor > 0)
-    print(f"# forwards per iteration: at most {f['network_calls']} network calls "
-          f"({f['batch_equivalents']} batch equivalents with CFG) vs the demo's {f['demo']}")
+    f = method_class(cfg.method).forwards(cfg)
+    print(f"# forwards per iteration ({cfg.method}): at most {f['network_calls']} network calls "
+          f"({f['batch_equivalents']} batch equivalents with CFG)" + (f" vs the demo's {f['demo']}" if "demo" in f
+                                                                       else ""))
     if cfg.teacher.family not in _DIFFUSERS:
         return
     if not cfg.teacher.path:
@@ -109,8 +110,9 @@ def _print_estimate(cfg, gpu: int | None = None) -> None:
         cfg.teacher.path = str(teacher_dir(cfg.teacher.path))
     family = family_class(cfg.teacher.family)
     m = memory_estimate(cfg, family)
-    print("# memory: " + ", ".join(f"{k}={m[k]}" for k in ("network", "base_params_M", "copies_of_base", "lora_params")
-                                   if k in m))
+    model = "" if cfg.method == "tdm" else " (modelled on the TDM iteration's phases)"
+    shown = ("network", "base_params_M", "copies_of_base", "lora_params")
+    print(f"# memory{model}: " + ", ".join(f"{k}={m[k]}" for k in shown if k in m))
     unit, div = ("GiB", GiB) if max(m["peak"].values()) >= GiB else ("MiB", 1024**2)
     gc = m["gradient_checkpointing"]
     rows = [("prompt caching: text encoders", m["prompt caching"], m["prompt caching"])]

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .schedules import GridSpec
+
 
 @dataclass
 class TeacherConfig:
@@ -41,6 +43,9 @@ class StudentConfig:
     grid_shift: float = 2.0                # shift of the 'shifted' grid
     unify: list[int] = field(default_factory=list)  # TDM-unify: draw K from this set, K-conditioned (§6)
     stochastic: bool = False               # re-noise with fresh noise between steps instead of eps_hat
+
+    def grid_spec(self) -> GridSpec:
+        return GridSpec(self.grid, self.grid_N, self.grid_shift)
 
 
 @dataclass
@@ -105,6 +110,7 @@ class TrainConfig:
 @dataclass
 class Config:
     preset: str = "toy-gmm"
+    method: str = "tdm"                    # the distillation method: a module of tdm/methods, its own section below
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     net: NetConfig = field(default_factory=NetConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -262,6 +268,13 @@ def resolve(preset: str, overrides: list[str] | None = None) -> Config:
                              "for a list, quotes around text") from None
         set_field(cfg, key, value, raw)
     validate(cfg)
+    from .methods.base import method_names
+
+    for item in overrides or []:  # a section of a method that does not run would be silently ignored
+        section = item.split("=", 1)[0].strip().split(".")[0]
+        if section in method_names() and section != cfg.method:
+            raise ValueError(f"override {item.split('=', 1)[0].strip()!r} belongs to method {section!r}, but "
+                             f"method={cfg.method!r} runs; set method={section} or remove it")
     return cfg
 
 
@@ -306,6 +319,10 @@ def _fields(cfg: Config):
 def validate(cfg: Config) -> None:
     """Every field's type, range and choices, and settings that cannot work together; each message names the
     field and what it takes. Files (teacher folders, prompts, mixtures) are checked by `families.check_inputs`."""
+    from .methods.base import method_names
+
+    if cfg.method not in method_names():
+        raise ValueError(f"method={cfg.method!r} is not one of {', '.join(method_names())}")
     values = dict(_fields(cfg))
     for key, value in values.items():
         hint = typing.get_type_hints(type(getattr(cfg, key.split(".")[0])))[key.split(".")[1]]

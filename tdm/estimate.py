@@ -32,13 +32,6 @@ GiB = 1024**3
 USABLE = 0.9  # of a GPU's memory: the CUDA context and allocator fragmentation take the rest
 
 
-def forwards_per_iteration(K: int, guidance: float, anchor: bool = False) -> dict[str, float]:
-    """Upper bounds of one TDM iteration (§4): rollout K, fake update 1 (+1 teacher with the §5 anchor),
-    student 1, teacher 1, fake 1."""
-    calls = K + 4 + int(anchor)
-    return {"network_calls": calls, "batch_equivalents": calls + (1 if guidance != 1 else 0), "demo": 11}
-
-
 def parse_size(text: str) -> int:
     """'24GB', '24GiB', '80G', '512MB' -> bytes; GPU makers' GB are GiB, so both mean 2**30."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([MGT])(?:i?B)?\s*", text, re.IGNORECASE)

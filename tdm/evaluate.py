@@ -17,7 +17,7 @@ from .errors import RunError
 from .families import build_family, family_class
 from .run import CONFIG, STUDENT, write_json
 from .samplers import sample_ddim, sample_dpmpp_2m, sample_student
-from .schedules import GridSpec, teacher_grid, timestep_grid
+from .schedules import teacher_grid
 
 TEACHER_SAMPLERS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
 
@@ -33,9 +33,7 @@ class Run:
         return self.cfg.student.unify or [self.cfg.student.steps]
 
     def grid(self, K: int) -> torch.Tensor:
-        s = self.cfg.student
-        return timestep_grid(K, GridSpec(s.grid, s.grid_N, s.grid_shift), self.family.schedule.T,
-                             self.family.schedule.discrete)
+        return self.family.schedule.grid(K, self.cfg.student.grid_spec())
 
 
 def run_config(run_dir: str | Path) -> Config:
@@ -61,7 +59,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", dtype: tor
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     family = build_family(cfg, device, run_dir, dtype)
-    net = family.student_and_fake(family.new_net())[0]
+    net = family.role_nets(family.new_net(), ["student"])["student"]
     try:
         weights = load_file(str(run_dir / STUDENT), device=str(device))
         net.load_state_dict(weights)

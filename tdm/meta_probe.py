@@ -154,15 +154,13 @@ def probe_nets(family_cls, path: str, precision: str, lora: tuple | None) -> tup
     from accelerate import init_empty_weights
     from peft import LoraConfig
 
-    from .families.diffusers_base import ROLES
-
     base = meta_net(family_cls, path, DTYPES[precision])
     if not lora:
         return base, meta_net(family_cls, path).requires_grad_(True)
     rank, alpha, targets = lora
     with init_empty_weights(include_buffers=True), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft: "Already found a peft_config attribute" at the second adapter
-        for role in ROLES:
+        for role in ("student", "fake"):  # the memory model is TDM's
             base.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                                         init_lora_weights="gaussian"), adapter_name=role)
     for name, p in base.named_parameters():

@@ -40,6 +40,10 @@ class Schedule:
     def unwarp(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def grid(self, K: int, spec: "GridSpec") -> torch.Tensor:
+        """The student's grid `[t_K, ..., t_1, 0]` on this schedule's time axis (§2): the one place grids are made."""
+        return timestep_grid(K, spec, self.T, self.discrete)
+
     # -- derived quantities -------------------------------------------------------------
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         return (self.alpha(t) / self.sigma(t)) ** 2

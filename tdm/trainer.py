@@ -1,4 +1,5 @@
-"""The trainer shared by all methods: accelerate, optimisers, checkpoints, resume, logging, the non-finite guard."""
+"""The trainer shared by all methods: accelerate, a network and optimiser per role the method declares, checkpoints,
+resume, logging, the non-finite guard. It never names a method (tdm/methods/base.py holds the contract)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,8 @@ from . import run
 from .config import Config, dump
 from .errors import Interrupted, NonFiniteError, RunError
 from .families import DTYPES, build_family, check_inputs
-from .methods.tdm import TDM
+from .methods.base import method_class
 from .rng import RunRNG
-from .schedules import GridSpec, timestep_grid
-
-ROLES = ("fake", "student")
-ROLE_METRICS = {"fake": ("loss_fake", "grad_norm_fake", "w_IS"), "student": ("loss_student", "grad_norm_student", "D")}
-ROLE_NAMES = {"fake": "fake score", "student": "student"}
 
 
 class TrainState:
@@ -68,7 +64,7 @@ def use_tf32() -> None:
 
 
 class Trainer:
-    """Builds teacher, student and fake score from a config and runs a method's iterations in a run folder it locks."""
+    """Builds the teacher and the method's roles from a config and runs its iterations in a run folder it locks."""
 
     def __init__(self, cfg: Config, run_dir: str | Path):
         check_inputs(cfg)  # every field and input file, before anything loads
@@ -115,7 +111,9 @@ class Trainer:
         with acc.main_process_first():  # the main process fits and caches; the others load its file
             pretrained = family.pretrained_net(self.run_dir / "pretrained.safetensors",
                                                generator=torch.Generator().manual_seed(tr.seed))
-        student_net, fake_net = family.student_and_fake(pretrained)
+        method_cls = method_class(cfg.method)
+        self.roles = {r.name: r for r in method_cls.roles}
+        nets = family.role_nets(pretrained, list(self.roles))
 
         def optimiser(net, lr):
             params = net.trainable_parameters() if hasattr(net, "trainable_parameters") else list(net.parameters())
@@ -129,27 +127,26 @@ class Trainer:
             warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, o.warmup)))
             return opt, warm
 
-        opt_G, sched_G = optimiser(student_net, o.lr_student)
-        opt_F, sched_F = optimiser(fake_net, o.lr_fake)
-        (student_net, fake_net, self.opt_G, self.opt_F, self.sched_G, self.sched_F) = acc.prepare(
-            student_net, fake_net, opt_G, opt_F, sched_G, sched_F)
-        self.student_net, self.fake_net = student_net, fake_net
+        # prepared in one call, nets then optimisers then schedules, in the method's role order: the checkpoint's
+        # file names (model.safetensors, model_1.safetensors, optimizer.bin, ...) follow it
+        names = list(self.roles)
+        opts = [optimiser(nets[r], getattr(o, f"lr_{r}")) for r in names]
+        prepared = acc.prepare(*(nets[r] for r in names), *(opt for opt, _ in opts), *(sched for _, sched in opts))
+        n = len(names)
+        self.nets, self.opts, self.scheds = (dict(zip(names, prepared[i * n:(i + 1) * n])) for i in range(3))
         self.ema = None
         if o.ema > 0:
-            self.ema = AveragedModel(acc.unwrap_model(student_net), multi_avg_fn=get_ema_multi_avg_fn(o.ema))
+            self.ema = AveragedModel(acc.unwrap_model(self.nets["student"]), multi_avg_fn=get_ema_multi_avg_fn(o.ema))
             acc.register_for_checkpointing(self.ema)
         self.state = TrainState(RunRNG(tr.seed + 1, acc.device, acc.process_index, acc.num_processes))
         acc.register_for_checkpointing(self.state)
 
-        s = cfg.student
-        Ks = s.unify or [s.steps]
-        self.method = TDM(cfg.tdm, family.schedule, family.teacher, family.wrap(student_net), family.wrap(fake_net),
-                          cfg.teacher.guidance, Ks, GridSpec(s.grid, s.grid_N, s.grid_shift),
-                          k_conditioning=bool(s.unify), fixed_shapes=tr.compile)
+        self.method = method_cls(cfg, family.schedule, family.teacher,
+                                 {r: family.wrap(net) for r, net in self.nets.items()}, fixed_shapes=tr.compile)
         self.grad_norms: dict[str, torch.Tensor] = {}
         # The non-finite guard: per role, the first step whose [loss, grad norm] was not finite (0: none yet).
         # Kept on the device, so an iteration never waits for it; read at log and checkpoint steps.
-        self.first_bad = {r: torch.zeros(2, dtype=torch.int64, device=acc.device) for r in ROLES}
+        self.first_bad = {r: torch.zeros(2, dtype=torch.int64, device=acc.device) for r in self.roles}
         self._skipped_now: list[str] = []
         self.last_checkpoint = 0
         # Every process must stop at the same iteration on a signal: they agree at each boundary with a host-side
@@ -182,13 +179,12 @@ class Trainer:
     # -- one optimiser step of a role, called by the method ------------------------------
     def _update(self, role: str, loss: torch.Tensor) -> None:
         acc, tr = self.accelerator, self.cfg.train
-        net, opt, sched = ((self.student_net, self.opt_G, self.sched_G) if role == "student"
-                           else (self.fake_net, self.opt_F, self.sched_F))
+        net, opt, sched = self.nets[role], self.opts[role], self.scheds[role]
         role_net = acc.unwrap_model(net)
         if hasattr(role_net, "activate"):  # LoRA roles share one base: recomputation must see this role
             role_net.activate()
         acc.backward(loss)
-        clip = self.cfg.optim.grad_clip if role == "student" and self.cfg.optim.grad_clip > 0 else float("inf")
+        clip = self.cfg.optim.grad_clip if self.roles[role].clip and self.cfg.optim.grad_clip > 0 else float("inf")
         params = net.parameters() if acc.distributed_type == DistributedType.FSDP else [
             p for group in opt.param_groups for p in group["params"]]
         self.grad_norms[role] = norm = acc.clip_grad_norm_(params, clip)
@@ -204,7 +200,7 @@ class Trainer:
                 raise NonFiniteError(self._nonfinite_message(step, role, "gradient norm",
                                                              f" ({tr.max_nonfinite_skips} skips allowed, all spent)"))
             if acc.is_main_process:
-                tqdm.write(f"step {step}: non-finite gradient norm of the {ROLE_NAMES[role]}, update skipped "
+                tqdm.write(f"step {step}: non-finite gradient norm of {self.roles[role].title}, update skipped "
                            f"({self.state.skipped} of train.max_nonfinite_skips={tr.max_nonfinite_skips})")
             return
         fb = self.first_bad[role]
@@ -217,7 +213,7 @@ class Trainer:
 
     def _nonfinite_message(self, step: int, role: str, what: str, extra: str = "") -> str:
         last = f"step_{self.last_checkpoint:07d}" if self.last_checkpoint else "none yet"
-        return (f"non-finite {what} of the {ROLE_NAMES[role]} at step {step}{extra}; nothing after it was saved "
+        return (f"non-finite {what} of {self.roles[role].title} at step {step}{extra}; nothing after it was saved "
                 f"(last checkpoint: {last}). Lower optim.lr_{role} and start afresh in another --output, or allow "
                 "skipping such steps with train.max_nonfinite_skips=N")
 
@@ -225,14 +221,15 @@ class Trainer:
         """Stop (NonFiniteError) if any process saw a non-finite loss or gradient norm: called before anything is
         written from the weights. Reads the device flags (a sync), and gathers them across processes."""
         acc = self.accelerator
-        flags = torch.stack([self.first_bad[r] for r in ROLES])
+        roles = list(self.roles)
+        flags = torch.stack([self.first_bad[r] for r in roles])
         if acc.num_processes > 1:
             flags = acc.gather(flags[None])
-        flags = flags.reshape(-1, len(ROLES), 2).cpu()
+        flags = flags.reshape(-1, len(roles), 2).cpu()
         found = [(int(v), r, w) for p in flags for r, row in enumerate(p) for w, v in enumerate(row) if v > 0]
         if found:
             step, r, w = min(found)  # the first step; the fake score before the student, a loss before its gradient
-            raise NonFiniteError(self._nonfinite_message(step, ROLES[r], ("loss", "gradient norm")[w]))
+            raise NonFiniteError(self._nonfinite_message(step, roles[r], ("loss", "gradient norm")[w]))
 
     # -- checkpoints ---------------------------------------------------------------------
     @property
@@ -297,7 +294,7 @@ class Trainer:
         """Final student weights (EMA if enabled) for `tdm sample` / `tdm eval`, with the step they were taken at."""
         self.check_finite()
         acc = self.accelerator
-        state = self.ema.module.state_dict() if self.ema is not None else acc.get_state_dict(self.student_net)
+        state = self.ema.module.state_dict() if self.ema is not None else acc.get_state_dict(self.nets["student"])
         path = self.run_dir / run.STUDENT
         if acc.is_main_process:
             try:
@@ -312,11 +309,8 @@ class Trainer:
         """Fixed prompts and noise through the student at K = 1, 2, 4: `previews/step_N.png` and the trackers."""
         if not (self.accelerator.is_main_process and hasattr(self.family, "preview")):
             return
-        s = self.cfg.student
-
         def grid_of(K: int) -> torch.Tensor:
-            return timestep_grid(K, GridSpec(s.grid, s.grid_N, s.grid_shift), self.family.schedule.T,
-                                 self.family.schedule.discrete)
+            return self.family.schedule.grid(K, self.cfg.student.grid_spec())
 
         path = self.run_dir / "previews" / f"step_{self.state.step:07d}.png"
         with self.accelerator.autocast():
@@ -333,7 +327,7 @@ class Trainer:
         x_T = rng.randn(self.family.sample_shape(B))
         self._skipped_now = []
         with acc.autocast():
-            m = self.method.iteration(x_T, cond, uncond, self._update, rng)
+            m = self.method.step(x_T, cond, uncond, self._update, rng)
         self.state.step += 1
         m.update({f"grad_norm_{k}": v for k, v in self.grad_norms.items()}, step=self.state.step)
         if self._skipped_now:
@@ -346,7 +340,7 @@ class Trainer:
         keys = [k for k, v in m.items() if torch.is_tensor(v)]
         mean = acc.reduce(torch.stack([m[k].float() for k in keys]), "mean") if acc.num_processes > 1 else None
         m = _floats({**m, **dict(zip(keys, mean))} if mean is not None else m)
-        skipped = {k for role in m.get("skipped", ()) for k in ROLE_METRICS[role]}
+        skipped = {k for role in m.get("skipped", ()) for k in self.roles[role].metrics}
         for k, v in m.items():
             if isinstance(v, float) and not math.isfinite(v):
                 if k not in skipped:
@@ -389,7 +383,7 @@ class Trainer:
                           init_kwargs={"tensorboard": {"purge_step": self.state.step + 1}} if resumed else None)
         log_path = self.run_dir / run.LOG
         history: list[dict] = []
-        bar = tqdm(total=tr.iterations, initial=self.state.step, desc="TDM",
+        bar = tqdm(total=tr.iterations, initial=self.state.step, desc=self.cfg.method.upper(),
                    disable=not (tr.progress and acc.is_main_process))
         if resumed:
             bar.write(f"resumed from step {self.state.step}")
@@ -401,8 +395,8 @@ class Trainer:
                 bar.update(1)
                 if self.state.step % tr.log_every == 0 or self.state.step == tr.iterations:
                     logged = self._log(m, log_path, t0)
-                    bar.set_postfix(L_F=_short(logged["loss_fake"]), L_G=_short(logged["loss_student"]),
-                                    D=_short(logged["D"]), fwd=logged["forwards"])
+                    bar.set_postfix({label: _short(logged.get(key)) for label, key in self.method.progress},
+                                    fwd=logged.get("forwards"))
                 if self.state.step % tr.checkpoint_every == 0 or self.state.step == tr.iterations:
                     self.save_checkpoint()
                 if tr.preview_every and self.state.step % tr.preview_every == 0:

@@ -60,7 +60,7 @@ def _meta_iteration(trainer: Trainer) -> GeneratorDevices:
     rng = RunRNG(0, meta)
 
     def update(role: str, loss: torch.Tensor) -> None:
-        net = trainer.accelerator.unwrap_model(trainer.student_net if role == "student" else trainer.fake_net)
+        net = trainer.accelerator.unwrap_model(trainer.nets["student"] if role == "student" else trainer.nets["fake"])
         if hasattr(net, "activate"):
             net.activate()
         loss.backward()
@@ -69,7 +69,7 @@ def _meta_iteration(trainer: Trainer) -> GeneratorDevices:
     with GeneratorDevices() as mode:
         cond, uncond = fam.sample_cond(B, rng.host)
         x_T = rng.randn(fam.sample_shape(B))
-        m = method.iteration(x_T, cond, uncond, update, rng)
+        m = method.step(x_T, cond, uncond, update, rng)
         sample_ddim(method.student, x_T, method.grids[max(method.grids)], cond, stochastic=True,
                     generator=torch.Generator().manual_seed(0))
     assert m["loss_student"].device == meta

@@ -111,7 +111,7 @@ def test_meta_probe_equals_the_same_passes_on_real_tensors(name, lora, tmp_path_
     cfg = resolve(preset, overrides(teacher, f"lora.enabled={str(lora).lower()}", "train.mixed_precision='no'", *more))
     cls = family_class(name)
     family = cls(cfg, "cpu", tmp_path_factory.mktemp("run"))
-    trainable = RoleNet(family, family.base, "fake") if lora else family.student_and_fake(family.base)[1]
+    trainable = RoleNet(family, family.base, "fake") if lora else family.role_nets(family.base, ["fake"])["fake"]
     B = cfg.train.batch_size
     x_t, t = torch.randn(B, *family.latent_shape()), torch.full((B,), 500.0)
     cond = family._cond(torch.zeros(B, dtype=torch.long))

@@ -65,8 +65,7 @@ def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path,
     lora = {n: p for n, p in trainer.family.base.named_parameters() if "lora_" in n}
     assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen.values())
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
-    moments = [s[k] for opt in (trainer.opt_G, trainer.opt_F) for s in opt.state.values() for k in ("exp_avg",
-                                                                                                  "exp_avg_sq")]
+    moments = [s[k] for opt in trainer.opts.values() for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
     assert moments and all(m.dtype == torch.float32 for m in moments)
     assert all(p.dtype == torch.bfloat16 for p in trainer.family.vae.parameters())
     # the dry run's figures are these bytes: the frozen base as held, the adapters with their two AdamW moments
@@ -77,5 +76,5 @@ def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path,
 
     full, _ = train(preset, tmp_path / "full", overrides(teacher, *extra, "train.iterations=1", "lora.enabled=false"))
     assert all(p.dtype == torch.bfloat16 for p in full.family.base.parameters())
-    for net in (full.student_net, full.fake_net):
+    for net in (full.nets["student"], full.nets["fake"]):
         assert all(p.dtype == torch.float32 and p.requires_grad for p in net.parameters())

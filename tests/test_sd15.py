@@ -71,7 +71,7 @@ def test_cli_distill_export_sample(teacher, tmp_path, one_thread, capsys):
     assert main(["distill", *common, "--output", str(run), *small, "train.iterations=1"]) == 0
     trainer = Trainer(resolve("sd15", [f"teacher.path={path}", f"data.prompts={prompts}", *small]), tmp_path / "x")
     est = memory_estimate(trainer.cfg, family_class("sd15"))
-    assert est["lora_params"] == sum(p.numel() for p in trainer.student_net.trainable_parameters())
+    assert est["lora_params"] == sum(p.numel() for p in trainer.nets["student"].trainable_parameters())
 
     assert main(["export", str(run)]) == 0
     png = tmp_path / "s.png"
@@ -88,8 +88,8 @@ def test_gradient_checkpointing_gives_the_same_lora(teacher, tmp_path, one_threa
     for gc in ("false", "true"):
         trainer, _ = _train(tmp_path / gc, overrides(teacher, "train.iterations=2",
                                                      f"train.gradient_checkpointing={gc}"))
-        runs[gc] = {role: net.state_dict() for role, net in (("s", trainer.student_net), ("f", trainer.fake_net))}
-    for role in ("s", "f"):
+        runs[gc] = {role: net.state_dict() for role, net in trainer.nets.items()}
+    for role in ("student", "fake"):
         for k, v in runs["false"][role].items():
             assert torch.allclose(v, runs["true"][role][k], atol=1e-6), k
 
@@ -97,5 +97,5 @@ def test_gradient_checkpointing_gives_the_same_lora(teacher, tmp_path, one_threa
 def test_full_mode_with_teacher_offload(teacher, tmp_path, one_thread):
     trainer, hist = _train(tmp_path / "r", overrides(teacher, "train.iterations=1", "lora.enabled=false",
                                                       "train.teacher_offload=true"))
-    assert hasattr(trainer.family.base, "_hf_hook") and not hasattr(trainer.student_net.base, "_hf_hook")
+    assert hasattr(trainer.family.base, "_hf_hook") and not hasattr(trainer.nets["student"].base, "_hf_hook")
     assert torch.isfinite(torch.tensor(hist[0]["loss_student"]))

@@ -48,7 +48,7 @@ def test_unify_trains_step_count_embeddings(tmp_path, one_thread):
     """TDM-unify (§6): K drawn from the set, and the zero-initialised K embeddings of student and fake move."""
     trainer, hist = _train(tmp_path, "u", overrides=["train.iterations=12", "student.unify=[1,2,4]"])
     assert {m["K"] for m in hist} <= {1, 2, 4} and len({m["K"] for m in hist}) > 1
-    for net in (trainer.student_net, trainer.fake_net):
+    for net in (trainer.nets["student"], trainer.nets["fake"]):
         assert net.k_embed.weight.abs().sum() > 0
 
 
@@ -88,7 +88,7 @@ def test_ema_student_is_saved_and_resumed(tmp_path, one_thread):
     _train(tmp_path, "split", overrides=["train.iterations=4", *ema])
     trainer, _ = _train(tmp_path, "split", overrides=["train.iterations=8", *ema])
     saved = load_file(str(tmp_path / "split" / "student.safetensors"))
-    raw = trainer.accelerator.unwrap_model(trainer.student_net).state_dict()
+    raw = trainer.accelerator.unwrap_model(trainer.nets["student"]).state_dict()
     assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # the EMA, not the raw student
     full_saved = load_file(str(tmp_path / "full" / "student.safetensors"))
     assert all(torch.equal(saved[k], full_saved[k]) for k in saved)  # resumed EMA == uninterrupted EMA

@@ -71,12 +71,10 @@ def check_inputs(cfg: Config, dry: bool = False) -> None:
 def check_grids(cfg: Config, schedule) -> None:
     """The student's grid(s) and the tau margins on the teacher's schedule (its timestep count), before any network
     loads; each family calls it once its schedule is known."""
-    from ..schedules import GridSpec, timestep_grid
-
     s, c = cfg.student, cfg.tdm
     for K in s.unify or [s.steps]:
         try:
-            timestep_grid(K, GridSpec(s.grid, s.grid_N, s.grid_shift), schedule.T, schedule.discrete)
+            schedule.grid(K, s.grid_spec())
         except ValueError as err:
             raise ValueError(f"student.grid={s.grid} with K={K} steps (grid_N={s.grid_N}) does not fit the "
                              f"teacher's {schedule.T} timesteps: {err}") from None

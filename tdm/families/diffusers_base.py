@@ -17,12 +17,11 @@ from torch import nn
 
 from ..config import Config
 from ..denoiser import Denoiser
+from ..methods.base import role_names
 from ..prompts import cached_embeddings, read_prompts
 from ..run import atomic_write, read_json
 from ..schedules import Schedule, VPSchedule
 from . import check_grids
-
-ROLES = ("student", "fake")
 
 
 def scheduler_config(path: Path) -> dict:
@@ -242,13 +241,13 @@ class DiffusersFamily:
         return net
 
     def _add_lora_adapters(self) -> None:
-        """Adapters 'student' and 'fake' on the frozen base. Their weights stay fp32 whatever the base's dtype
+        """An adapter per role of the method on the frozen base. Their weights stay fp32 whatever the base's dtype
         (peft casts them to it): the optimiser updates fp32 weights, autocast computes in the low precision."""
         from peft import LoraConfig
 
         lc = self.cfg.lora
         targets = lc.targets or list(self.lora_targets)
-        for role in ROLES:
+        for role in role_names(self.cfg):
             self.base.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, target_modules=targets,
                                              init_lora_weights="gaussian"), adapter_name=role)
         for name, p in self.base.named_parameters():
@@ -274,18 +273,19 @@ class DiffusersFamily:
     def pretrained_net(self, path=None, generator=None) -> nn.Module:
         return self.base
 
-    def student_and_fake(self, base: nn.Module) -> tuple[RoleNet, RoleNet]:
-        """LoRA: two views of the one base, each data-parallel over its own adapter only. Full: two trainable
-        fp32 networks loaded afresh (a copy of a low-precision teacher would be rounded); the teacher stays frozen."""
+    def role_nets(self, base: nn.Module, roles: list[str]) -> dict[str, RoleNet]:
+        """LoRA: a view of the one base per role, each data-parallel over its own adapter only. Full: a trainable
+        fp32 network per role, loaded afresh (a copy of a low-precision teacher would be rounded); the teacher stays
+        frozen."""
         if self.cfg.lora.enabled:
-            nets = RoleNet(self, base, "student"), RoleNet(self, base, "fake")
-            for net in nets:
+            nets = {role: RoleNet(self, base, role) for role in roles}
+            for net in nets.values():
                 own = {f"base.{n}" for n in net._adapter_params()}
                 net._ddp_params_and_buffers_to_ignore = [n for n, _ in net.named_parameters() if n not in own] + [
                     n for n, _ in net.named_buffers()]
             return nets
-        nets = tuple(RoleNet(self, self._load_network(torch.float32).requires_grad_(True).to(self.device), None)
-                     for _ in ROLES)
+        nets = {role: RoleNet(self, self._load_network(torch.float32).requires_grad_(True).to(self.device), None)
+                for role in roles}
         if self.cfg.train.teacher_offload:
             from accelerate import cpu_offload
 

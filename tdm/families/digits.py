@@ -89,8 +89,8 @@ class DigitsFamily:
         """Student and fake score start from the teacher itself (§2)."""
         return self.new_net()
 
-    def student_and_fake(self, pretrained: LabelUNet) -> tuple[LabelUNet, LabelUNet]:
-        return copy.deepcopy(pretrained), copy.deepcopy(pretrained)
+    def role_nets(self, pretrained: LabelUNet, roles: list[str]) -> dict[str, LabelUNet]:
+        return {role: copy.deepcopy(pretrained) for role in roles}
 
     def wrap(self, net) -> Denoiser:
         return Denoiser(net, self.schedule, "epsilon")

@@ -94,11 +94,11 @@ class ToyFamily:
             save_tensors(net.state_dict(), path)
         return net
 
-    def student_and_fake(self, pretrained: MLPDenoiserNet) -> tuple[MLPDenoiserNet, MLPDenoiserNet]:
-        """Two copies of the pretrained network, K-conditioned for TDM-unify (§6)."""
-        nets = copy.deepcopy(pretrained), copy.deepcopy(pretrained)
+    def role_nets(self, pretrained: MLPDenoiserNet, roles: list[str]) -> dict[str, MLPDenoiserNet]:
+        """A copy of the pretrained network per role, K-conditioned for TDM-unify (§6)."""
+        nets = {role: copy.deepcopy(pretrained) for role in roles}
         if self.max_K:
-            for net in nets:
+            for net in nets.values():
                 net.add_k_conditioning(self.max_K)
         return nets
 

@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from ..config import TDMConfig
+from ..config import Config
 from ..denoiser import Cond, Denoiser, cfg_denoise, take_cond
 from ..losses import fake_score_loss, generator_loss, importance_weight, min_snr_weight
 from ..rng import RunRNG
 from ..samplers import ddim_step
-from ..schedules import GridSpec, Schedule, timestep_grid
+from ..schedules import Schedule
+from .base import Method, Role, Update
 
-Update = Callable[[str, torch.Tensor], None]  # trainer callback: backward + optimiser step of a role
 
+class TDM(Method):
+    """Owns the sampling of K, k, t_m and tau; the trainer owns the optimisers of the two roles."""
 
-class TDM:
-    """Owns the student grid(s) and the sampling of k, t_m and tau; the trainer owns the optimisers."""
+    roles = (Role("student", "the student", clip=True, metrics=("loss_student", "grad_norm_student", "D")),
+             Role("fake", "the fake score", metrics=("loss_fake", "grad_norm_fake", "w_IS")))
+    progress = (("L_F", "loss_fake"), ("L_G", "loss_student"), ("D", "D"))
 
-    def __init__(self, cfg: TDMConfig, schedule: Schedule, teacher: Denoiser, student: Denoiser, fake: Denoiser,
-                 guidance: float, Ks: list[int], grid: GridSpec, k_conditioning: bool, fixed_shapes: bool = False):
-        self.cfg = cfg
-        self.schedule = schedule
-        self.teacher = teacher                  # frozen, CFG scale `guidance`
-        self.student = student                  # G
-        self.fake = fake                        # F, the fake score
-        self.guidance = guidance
-        self.Ks = Ks                            # one K, or TDM-unify's set (§6)
-        self.k_conditioning = k_conditioning    # student and fake see K (§6)
-        self.fixed_shapes = fixed_shapes        # roll out the whole batch at every step (torch.compile)
-        self.grids = {K: timestep_grid(K, grid, schedule.T, schedule.discrete) for K in Ks}
+    def __init__(self, cfg: Config, schedule: Schedule, teacher: Denoiser, nets: dict[str, Denoiser],
+                 fixed_shapes: bool = False):
+        super().__init__(cfg, schedule, teacher, nets, fixed_shapes)
+        self.c = cfg.tdm
+        self.fake = nets["fake"]                        # F, the fake score; self.student is G
+        self.guidance = cfg.teacher.guidance            # CFG scale w distilled into the student
+        self.k_conditioning = bool(cfg.student.unify)   # student and fake see K (§6)
+
+    @classmethod
+    def forwards(cls, cfg: Config) -> dict[str, float]:
+        """Upper bounds (§4): rollout K, fake update 1 (+1 teacher with the §5 anchor), student 1, teacher 1,
+        fake 1; CFG's unconditional half adds one batch equivalent. The public demo's order takes 11 at K = 4."""
+        calls = max(cfg.student.unify or [cfg.student.steps]) + 4 + int(cfg.tdm.fake_anchor > 0)
+        return {"network_calls": calls, "batch_equivalents": calls + (cfg.teacher.guidance != 1), "demo": 11}
 
     # -- sampling of times (§4 steps 2-3), on the host ---------------------------------------
     def _uniform(self, lo: torch.Tensor, hi: torch.Tensor, rng: RunRNG) -> torch.Tensor:
@@ -43,7 +46,7 @@ class TDM:
 
     def sample_t_m_tau(self, t_k: torch.Tensor, t_prev: torch.Tensor, rng: RunRNG):
         """Next time `t_m` of the step and the diffusion time `tau` inside its segment."""
-        c = self.cfg
+        c = self.c
         if c.interval == "randmid":
             t_m = self._uniform(t_prev, (t_k - c.randmid_margin - 1).clamp_min(t_prev), rng)
         else:
@@ -60,8 +63,8 @@ class TDM:
         return self.schedule.transition(x_m, t_m, tau, xi), xi
 
     # -- one iteration (§4) --------------------------------------------------------------
-    def iteration(self, x_T: torch.Tensor, cond: Cond, uncond: Cond, update: Update,
-                  rng: RunRNG) -> dict[str, torch.Tensor | int | float]:
+    def step(self, x_T: torch.Tensor, cond: Cond, uncond: Cond, update: Update,
+             rng: RunRNG) -> dict[str, torch.Tensor | int | float]:
         """One iteration; metrics stay on the device (reading them waits for it: the trainer does so at log steps).
 
         Steps, times and row indices are drawn and computed on the host, so the device is never waited on.
@@ -100,18 +103,18 @@ class TDM:
         x_tau, xi = self.diffuse(x0_F_target, eps_F_target, t_m, tau, rng)
         x0_F, _ = self.fake(x_tau, tau, cond, **extra)
         w_IS = importance_weight(x_tau, x0_F_target, xi, self.schedule.alpha(tau), self.schedule.sigma(tau),
-                                 self.cfg.importance_weight)
+                                 self.c.importance_weight)
         if self.fake.prediction_type == "flow":
             # §5: plain MSE on the fake's velocity, no importance weight: |v_F - v|^2 = |x0_F - x0_hat|^2 / sigma^2
             weight = self.schedule.sigma(tau).pow(-2).to(w_IS)
         else:
-            weight = min_snr_weight(self.schedule.snr(tau), self.cfg.min_snr_gamma).to(w_IS) * w_IS
+            weight = min_snr_weight(self.schedule.snr(tau), self.c.min_snr_gamma).to(w_IS) * w_IS
         L_F = fake_score_loss(x0_F, x0_F_target, weight)
-        if self.cfg.fake_anchor > 0:
+        if self.c.fake_anchor > 0:
             # §5: anchor `fake_anchor * ||v_real - v_fake||^2` to the conditional teacher (one more forward)
             with torch.no_grad():
                 x0_real, _ = self.teacher(x_tau, tau, cond)
-            L_F = L_F + self.cfg.fake_anchor * fake_score_loss(x0_F, x0_real, self.schedule.sigma(tau).pow(-2))
+            L_F = L_F + self.c.fake_anchor * fake_score_loss(x0_F, x0_real, self.schedule.sigma(tau).pow(-2))
         update("fake", L_F)
 
         # 5. Generator update: the single student step k_G with grad, matched at x_tau.
@@ -122,7 +125,7 @@ class TDM:
         with torch.no_grad():
             x0_w, _ = cfg_denoise(self.teacher, x_tau, tau, cond, uncond, self.guidance)
             x0_F, _ = self.fake(x_tau, tau, cond, **extra)
-        L_G, D = generator_loss(x0_hat, x0_w, x0_F, self.cfg.generator_loss, self.cfg.huber_c)
+        L_G, D = generator_loss(x0_hat, x0_w, x0_F, self.c.generator_loss, self.c.huber_c)
         update("student", L_G)
 
         counts = [net.reset_counters() for net in (self.student, self.fake, self.teacher)]
@@ -152,3 +155,6 @@ def _put(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
         x.copy_(values)
     elif len(rows):
         x.index_copy_(0, rows.to(x.device), values)
+
+
+METHOD = TDM
