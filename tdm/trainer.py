@@ -148,6 +148,7 @@ class Trainer:
         # Kept on the device, so an iteration never waits for it; read at log and checkpoint steps.
         self.first_bad = {r: torch.zeros(2, dtype=torch.int64, device=acc.device) for r in self.roles}
         self._skipped_now: list[str] = []
+        self._update_order: list[str] = []  # roles in the order the method updates them within an iteration
         self.last_checkpoint = 0
         # Every process must stop at the same iteration on a signal: they agree at each boundary with a host-side
         # all-reduce (gloo: no device sync), on a group of its own when the training backend is NCCL.
@@ -180,6 +181,8 @@ class Trainer:
     def _update(self, role: str, loss: torch.Tensor) -> None:
         acc, tr = self.accelerator, self.cfg.train
         net, opt, sched = self.nets[role], self.opts[role], self.scheds[role]
+        if role not in self._update_order:
+            self._update_order.append(role)
         role_net = acc.unwrap_model(net)
         if hasattr(role_net, "activate"):  # LoRA roles share one base: recomputation must see this role
             role_net.activate()
@@ -221,14 +224,14 @@ class Trainer:
         """Stop (NonFiniteError) if any process saw a non-finite loss or gradient norm: called before anything is
         written from the weights. Reads the device flags (a sync), and gathers them across processes."""
         acc = self.accelerator
-        roles = list(self.roles)
+        roles = self._update_order + [r for r in self.roles if r not in self._update_order]
         flags = torch.stack([self.first_bad[r] for r in roles])
         if acc.num_processes > 1:
             flags = acc.gather(flags[None])
         flags = flags.reshape(-1, len(roles), 2).cpu()
         found = [(int(v), r, w) for p in flags for r, row in enumerate(p) for w, v in enumerate(row) if v > 0]
         if found:
-            step, r, w = min(found)  # the first step; the fake score before the student, a loss before its gradient
+            step, r, w = min(found)  # the first step; its first updated role (a NaN spreads), a loss before its norm
             raise NonFiniteError(self._nonfinite_message(step, roles[r], ("loss", "gradient norm")[w]))
 
     # -- checkpoints ---------------------------------------------------------------------
