@@ -64,13 +64,14 @@ class LoRAConfig:
 
 @dataclass
 class TDMConfig:
-    interval: str = "separate"             # tau sampling: 'separate', 'shared' or 'randmid' (§4 steps 2-3)
+    interval: str = "separate"             # tau sampling: 'separate', 'shared' (the fake told the step k; toy
+                                           # family only) or 'randmid' (§4 steps 2-3)
     importance_weight: str = "tempered"    # 'tempered' (demo) or 'none' (§4 step 4)
     min_snr_gamma: float = 5.0             # Min-SNR clamp of the fake-score loss weight
     generator_loss: str = "huber_demo"     # 'huber_demo', 'huber_paper' or 'mse' (§4 step 5)
     huber_c: typing.Optional[float] = None  # None: the kind's own c
     tau_min: int = 20                      # tau >= max(tau_min, t_m)
-    tau_margin: int = 10                   # tau <= t_k - tau_margin (separate) or T - tau_margin (shared)
+    tau_margin: int = 10                   # tau <= t_k - tau_margin (separate) or N - tau_margin (shared, N = t_K + 1)
     randmid_margin: int = 20               # randmid: t_m in [t_{k-1}, t_k - randmid_margin)
     fake_anchor: float = 0.0               # flow teachers: weight of the fake's anchor to the teacher (§5)
 

@@ -215,21 +215,22 @@ def _tau_bounds(it: Iteration, k: torch.Tensor, interval: str):
     K, grid = it.K, it.grid
     t_k, t_prev = grid[K - k], grid[K - k + 1]
     lo = t_prev.clamp_min(20)
-    return lo, t_k - 10
+    top = {"separate": t_k - 10, "randmid": t_k - 10, "shared": torch.full_like(t_k, float(grid[0]) + 1 - 10)}
+    return lo, top[interval]
 
 
-@pytest.mark.parametrize("interval", ["separate", "randmid"])
+@pytest.mark.parametrize("interval", ["separate", "shared", "randmid"])
 def test_fake_update_uses_the_rollout_prediction_noised_into_the_interval(interval):
     """§4 steps 2-4: the fake update runs right after the rollout (no student recomputation), conditional, with
     grad, at `x_tau = transition(x_m, t_m -> tau, xi)`, `x_m` the DDIM step of the rollout's own prediction at
-    step k_F, tau an integer of the interval of `tdm.interval`."""
+    step k_F, tau an integer of the interval of `tdm.interval` ('shared': up to N - 10, N = t_K + 1 = 900)."""
     it = run_step(f"tdm.interval={interval}")
     K, grid, k_F = it.K, it.grid, it.k_F
     rollout = it.rollout()
     fake = it.of("fake")[0]
     assert it.calls.index(fake) == len(rollout)  # nothing between the rollout and the fake update
     assert fake.grad and torch.equal(fake.cond, it.labels)
-    assert fake.extra == {}
+    assert set(fake.extra) == ({"step_k"} if interval == "shared" else set())
     tau = fake.t
     lo, top = _tau_bounds(it, k_F, interval)
     assert torch.equal(tau, tau.round()) and torch.all(tau >= lo) and torch.all(tau <= top)
@@ -247,6 +248,9 @@ def test_fake_update_uses_the_rollout_prediction_noised_into_the_interval(interv
     else:
         x_m = _next_point(it, x0, eps, t_prev)
         torch.testing.assert_close(fake.x, _transition(it, x_m, t_prev, tau, xi))
+    if interval == "shared":  # the shared interval reaches above the step's own segment, up to N - 10
+        assert torch.any(tau > grid[K - k_F] - 10) and tau.max() <= 890
+        assert torch.equal(fake.extra["step_k"], k_F)
 
 
 def _golden_fake_loss(it: Iteration, mode: str):
@@ -340,8 +344,29 @@ def test_generator_update_guided_teacher_and_gradient_direction(w, kind):
         assert torch.equal(torch.sign(neg), torch.sign(x0_w - x0_F))
 
 
-@pytest.mark.parametrize("variant", [(), ("tdm.interval=randmid",), ("tdm.importance_weight=none",),
-                                     ("teacher.guidance=1",), ("student.steps=1",), ("student.unify=[1,2,4]",)])
+# -- variants ------------------------------------------------------------------------------------
+def test_shared_interval_on_other_grids_and_with_unify():
+    """'shared' tops out at N - 10 with N = t_K + 1 on every grid (trailing: 990), and under TDM-unify the fake
+    sees both K (k_steps) and the step k (step_k); the student never sees k."""
+    it = run_step("tdm.interval=shared", "student.grid=trailing", B=256)
+    k = it.k_F
+    tau = it.of("fake")[0].t
+    assert tau.max() <= 990 and torch.any(tau > 899)
+    assert tau[k == 1].max() > it.grid[it.K - 1]  # step 1's tau reaches above its own segment
+    for seed in range(3):
+        it = run_step("tdm.interval=shared", "student.unify=[1,2,4]", seed=seed)
+        K = it.K
+        fake_F, (student, _, fake_G) = it.of("fake")[0], _generator_calls(it)
+        assert set(fake_F.extra) == set(fake_G.extra) == {"k_steps", "step_k"}
+        assert int(fake_F.extra["k_steps"]) == K == int(student.extra["k_steps"])
+        assert set(student.extra) == {"k_steps"}
+        assert torch.equal(fake_F.extra["step_k"], it.k_F) and torch.equal(fake_G.extra["step_k"], it.k_G)
+        assert it.of("fake")[0].t.max() <= 890
+
+
+@pytest.mark.parametrize("variant", [(), ("tdm.interval=shared",), ("tdm.interval=randmid",),
+                                     ("tdm.importance_weight=none",), ("teacher.guidance=1",), ("student.steps=1",),
+                                     ("student.unify=[1,2,4]",)])
 def test_forwards_bound_is_reached_by_every_variant(variant):
     """`TDM.forwards(cfg)` is the count of a worst-case iteration (some k_F = 1: the whole rollout) for every
     switch, and the batch equivalents stay below its bound."""
@@ -353,3 +378,11 @@ def test_forwards_bound_is_reached_by_every_variant(variant):
         assert it.metrics["forwards"] == f["network_calls"]
     assert it.metrics["forwards"] <= f["network_calls"] and it.metrics["forwards_batch_equiv"] <= f["batch_equivalents"]
     assert it.metrics["forwards"] == len(it.calls)
+
+
+def test_shared_is_refused_where_the_fake_cannot_be_told_k(tmp_path):
+    from tdm.families import check_inputs
+
+    with pytest.raises(ValueError, match="tdm.interval=shared .* digits family"):
+        check_inputs(resolve("digits", ["tdm.interval=shared"]))
+    check_inputs(resolve("toy-gmm", ["tdm.interval=shared"]))

@@ -52,6 +52,17 @@ def test_unify_trains_step_count_embeddings(tmp_path, one_thread):
         assert net.k_embed.weight.abs().sum() > 0
 
 
+def test_shared_interval_trains_the_fake_score_s_step_embedding(tmp_path, one_thread):
+    """tdm.interval=shared (§4 step 3) with TDM-unify: the fake score alone gets a step-k embedding beside the K one,
+    both move; the student has none and evaluates."""
+    trainer, hist = _train(tmp_path, "s", overrides=["train.iterations=6", "student.unify=[1,2,4]",
+                                                     "tdm.interval=shared"])
+    fake, student = trainer.nets["fake"], trainer.nets["student"]
+    assert fake.step_embed.weight.abs().sum() > 0 and fake.k_embed.weight.abs().sum() > 0
+    assert student.step_embed is None and student.k_embed.weight.abs().sum() > 0
+    assert evaluate(tmp_path / "s", n=200, steps=())["student"]["K=4"]["trained"]
+
+
 def test_student_beats_teacher_ddim_at_equal_nfe(tmp_path, one_thread):
     """Quality on a teacher whose law is known: a 4-step student lands at most half the energy
     distance of the exact teacher's own 4-step DDIM (measured at one thread: 0.0072 vs 0.0331)."""
