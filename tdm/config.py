@@ -66,6 +66,8 @@ class LoRAConfig:
 class TDMConfig:
     interval: str = "separate"             # tau sampling: 'separate', 'shared' (the fake told the step k; toy
                                            # family only) or 'randmid' (§4 steps 2-3)
+    matching: str = "noisy"                # diffused to tau: 'noisy' the next trajectory point (TDM, §3) or 'clean'
+                                           # the step's x0_hat (paper Table 7's ablation, §7)
     importance_weight: str = "tempered"    # 'tempered' (demo) or 'none' (§4 step 4)
     min_snr_gamma: float = 5.0             # Min-SNR clamp of the fake-score loss weight
     generator_loss: str = "huber_demo"     # 'huber_demo', 'huber_paper' or 'mse' (§4 step 5)
@@ -286,6 +288,7 @@ CHOICES = {
     "net.prediction_type": ("epsilon", "sample", "v_prediction"),
     "student.grid": ("demo", "trailing", "shifted"),
     "tdm.interval": ("separate", "shared", "randmid"),
+    "tdm.matching": ("noisy", "clean"),
     "tdm.importance_weight": ("tempered", "none"),
     "tdm.generator_loss": ("huber_demo", "huber_paper", "mse"),
     "train.mixed_precision": ("no", "fp16", "bf16"),

@@ -345,6 +345,23 @@ def test_generator_update_guided_teacher_and_gradient_direction(w, kind):
 
 
 # -- variants ------------------------------------------------------------------------------------
+def test_clean_matching_diffuses_the_prediction():
+    """tdm.matching=clean (paper Table 7, §7): both updates diffuse the step's x0_hat itself,
+    `x_tau = alpha_tau x0_hat + sigma_tau xi`, tau in the same segment; then m = xi and w_IS = 1."""
+    it = run_step("tdm.matching=clean")
+    s = it.method.schedule
+    fake0 = it.of("fake")[0]
+    x0, _ = _rollout_at(it, it.k_F)
+    lo, top = _tau_bounds(it, it.k_F, "separate")
+    assert torch.all(fake0.t >= lo) and torch.all(fake0.t <= top)
+    xi_F, xi_G = _xi(it)
+    torch.testing.assert_close(fake0.x, _bc(s.alpha(fake0.t), x0) * x0 + _bc(s.sigma(fake0.t), x0) * xi_F)
+    torch.testing.assert_close(it.metrics["w_IS"], torch.tensor(1.0, dtype=F64))
+    student, _, fake1 = _generator_calls(it)
+    x0_hat = student.out.detach()
+    torch.testing.assert_close(fake1.x, _bc(s.alpha(fake1.t), x0) * x0_hat + _bc(s.sigma(fake1.t), x0) * xi_G)
+
+
 def test_shared_interval_on_other_grids_and_with_unify():
     """'shared' tops out at N - 10 with N = t_K + 1 on every grid (trailing: 990), and under TDM-unify the fake
     sees both K (k_steps) and the step k (step_k); the student never sees k."""
@@ -364,7 +381,7 @@ def test_shared_interval_on_other_grids_and_with_unify():
         assert it.of("fake")[0].t.max() <= 890
 
 
-@pytest.mark.parametrize("variant", [(), ("tdm.interval=shared",), ("tdm.interval=randmid",),
+@pytest.mark.parametrize("variant", [(), ("tdm.interval=shared",), ("tdm.interval=randmid",), ("tdm.matching=clean",),
                                      ("tdm.importance_weight=none",), ("teacher.guidance=1",), ("student.steps=1",),
                                      ("student.unify=[1,2,4]",)])
 def test_forwards_bound_is_reached_by_every_variant(variant):

@@ -33,7 +33,8 @@ class TDM(Method):
     def forwards(cls, cfg: Config) -> dict[str, float]:
         """Upper bounds (§4): rollout K, fake update 1 (+1 teacher with the §5 anchor), student 1, teacher 1,
         fake 1; CFG's unconditional half adds one batch equivalent. The public demo's order takes 11 at K = 4.
-        `tdm.interval` changes no count."""
+        `tdm.interval` and `tdm.matching` change no count: clean matching needs the same prediction at k_F and the
+        same point x_{t_{k_G}}."""
         calls = max(cfg.student.unify or [cfg.student.steps]) + 4 + int(cfg.tdm.fake_anchor > 0)
         return {"network_calls": calls, "batch_equivalents": calls + (cfg.teacher.guidance != 1), "demo": 11}
 
@@ -66,9 +67,16 @@ class TDM(Method):
 
     def diffuse(self, x0_hat: torch.Tensor, eps_hat: torch.Tensor, t_m: torch.Tensor, tau: torch.Tensor,
                 rng: RunRNG):
-        """`x_m` = the student's next point at `t_m`, then `x_tau = transition(x_m, t_m -> tau, xi)`."""
+        """`x_tau` and its noise `xi` (§3, §4 step 3).
+
+        Noisy matching (TDM): `x_m` = the student's next point at `t_m`, `x_tau = transition(x_m, t_m -> tau, xi)`.
+        Clean matching (paper Table 7, §7): `x_tau = alpha_tau x0_hat + sigma_tau xi`; then `m = xi` and the
+        importance weight is 1.
+        """
+        xi = rng.randn(x0_hat.shape, x0_hat.dtype)
+        if self.c.matching == "clean":
+            return self.schedule.add_noise(x0_hat, xi, tau), xi
         x_m = ddim_step(self.schedule, x0_hat, eps_hat, t_m)
-        xi = rng.randn(x_m.shape, x_m.dtype)
         return self.schedule.transition(x_m, t_m, tau, xi), xi
 
     def _fake_extra(self, extra: dict, k: torch.Tensor, device: torch.device) -> dict:
