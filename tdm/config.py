@@ -42,7 +42,8 @@ class StudentConfig:
     grid_N: int = 900                      # N of the demo grid
     grid_shift: float = 2.0                # shift of the 'shifted' grid
     unify: list[int] = field(default_factory=list)  # TDM-unify: draw K from this set, K-conditioned (§6)
-    stochastic: bool = False               # re-noise with fresh noise between steps instead of eps_hat
+    stochastic: bool = False               # re-noise with fresh noise between steps instead of eps_hat, in
+                                           # training (TDM's rollout and next point) as in sampling (§2)
 
     def grid_spec(self) -> GridSpec:
         return GridSpec(self.grid, self.grid_N, self.grid_shift)

@@ -199,6 +199,29 @@ def test_rollout_runs_only_as_deep_as_needed_without_grad(fixed_shapes):
     assert shallow and (partial or fixed_shapes)  # the draws did cover a shallow and a partial rollout
 
 
+def test_stochastic_student_rolls_out_with_fresh_noise():
+    """student.stochastic (§2) trains the way it samples: every rollout point is `alpha x0_hat + sigma z` with z
+    fresh noise (one draw of every step for the whole batch, so partial and fixed-shape rollouts draw alike), and
+    both updates' `x_tau` has the law of the stochastic next point carried on to tau, `alpha_tau x0_hat +
+    sigma_tau xi`: importance weight 1."""
+    it = run_step("student.stochastic=true")
+    s, K, grid = it.method.schedule, it.K, it.grid
+    z = it.rng.of("randn")[0]
+    assert z.shape == (64, K - 1, 2) and len(it.rng.of("randn")) == 3  # z, then the two xi
+    for k, call in zip(range(K - 1, 0, -1), it.rollout()[1:]):
+        x0, _ = it.prediction(k + 1, call.cond)
+        torch.testing.assert_close(call.x, s.alpha(grid[K - k]) * x0 + s.sigma(grid[K - k]) * z[call.cond, K - k - 1])
+    xi_F, xi_G = _xi(it)
+    fake, (student, _, fake_G) = it.of("fake")[0], _generator_calls(it)
+    x0, _ = _rollout_at(it, it.k_F)
+    torch.testing.assert_close(fake.x, _bc(s.alpha(fake.t), x0) * x0 + _bc(s.sigma(fake.t), x0) * xi_F)
+    x0 = student.out.detach()
+    torch.testing.assert_close(fake_G.x, _bc(s.alpha(fake_G.t), x0) * x0 + _bc(s.sigma(fake_G.t), x0) * xi_G)
+    torch.testing.assert_close(it.metrics["w_IS"], torch.tensor(1.0, dtype=F64))
+    fixed = run_step("student.stochastic=true", fixed_shapes=True)
+    assert fixed.losses["fake"] == it.losses["fake"] and fixed.losses["student"] == it.losses["student"]
+
+
 def _rollout_at(it: Iteration, k: torch.Tensor):
     """The rollout's (x0_hat, eps_hat) at step k_i of every row i."""
     B = len(it.labels)
@@ -382,8 +405,8 @@ def test_shared_interval_on_other_grids_and_with_unify():
 
 
 @pytest.mark.parametrize("variant", [(), ("tdm.interval=shared",), ("tdm.interval=randmid",), ("tdm.matching=clean",),
-                                     ("tdm.importance_weight=none",), ("teacher.guidance=1",), ("student.steps=1",),
-                                     ("student.unify=[1,2,4]",)])
+                                     ("student.stochastic=true",), ("tdm.importance_weight=none",),
+                                     ("teacher.guidance=1",), ("student.steps=1",), ("student.unify=[1,2,4]",)])
 def test_forwards_bound_is_reached_by_every_variant(variant):
     """`TDM.forwards(cfg)` is the count of a worst-case iteration (some k_F = 1: the whole rollout) for every
     switch, and the batch equivalents stay below its bound."""

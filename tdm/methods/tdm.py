@@ -28,13 +28,14 @@ class TDM(Method):
         self.guidance = cfg.teacher.guidance            # CFG scale w distilled into the student
         self.k_conditioning = bool(cfg.student.unify)   # student and fake see K (§6)
         self.step_conditioning = self.c.interval == "shared"  # the fake sees the step k (§4 step 3)
+        self.stochastic = cfg.student.stochastic        # re-noise with fresh noise between steps (§2)
 
     @classmethod
     def forwards(cls, cfg: Config) -> dict[str, float]:
         """Upper bounds (§4): rollout K, fake update 1 (+1 teacher with the §5 anchor), student 1, teacher 1,
         fake 1; CFG's unconditional half adds one batch equivalent. The public demo's order takes 11 at K = 4.
-        `tdm.interval` and `tdm.matching` change no count: clean matching needs the same prediction at k_F and the
-        same point x_{t_{k_G}}."""
+        The other switches (`tdm.interval`, `tdm.matching`, `student.stochastic`) change no count: clean matching
+        needs the same prediction at k_F and the same point x_{t_{k_G}}, the stochastic rollout only other noise."""
         calls = max(cfg.student.unify or [cfg.student.steps]) + 4 + int(cfg.tdm.fake_anchor > 0)
         return {"network_calls": calls, "batch_equivalents": calls + (cfg.teacher.guidance != 1), "demo": 11}
 
@@ -70,11 +71,12 @@ class TDM(Method):
         """`x_tau` and its noise `xi` (§3, §4 step 3).
 
         Noisy matching (TDM): `x_m` = the student's next point at `t_m`, `x_tau = transition(x_m, t_m -> tau, xi)`.
-        Clean matching (paper Table 7, §7): `x_tau = alpha_tau x0_hat + sigma_tau xi`; then `m = xi` and the
-        importance weight is 1.
+        Clean matching (paper Table 7, §7): `x_tau = alpha_tau x0_hat + sigma_tau xi`. A stochastic student's next
+        point is `alpha_m x0_hat + sigma_m z` with fresh z, so its `x_tau` has that same law and is drawn so; then
+        `m = xi` and the importance weight is 1: nothing to correct.
         """
         xi = rng.randn(x0_hat.shape, x0_hat.dtype)
-        if self.c.matching == "clean":
+        if self.c.matching == "clean" or self.stochastic:
             return self.schedule.add_noise(x0_hat, xi, tau), xi
         x_m = ddim_step(self.schedule, x0_hat, eps_hat, t_m)
         return self.schedule.transition(x_m, t_m, tau, xi), xi
@@ -96,6 +98,8 @@ class TDM(Method):
         extra = {"k_steps": torch.tensor(K, device=device)} if self.k_conditioning else {}
         k_F = rng.randint(1, K + 1, B)                              # step of the fake update
         k_G = rng.randint(1, K + 1, B)                              # fresh step of the generator update
+        # the stochastic student's fresh noise of every step (§2), drawn whole: the same draws at any rollout depth
+        z = rng.randn((B, K - 1, *x_T.shape[1:]), x_T.dtype) if self.stochastic and K > 1 else None
         for net in (self.student, self.fake, self.teacher):
             net.reset_counters()
 
@@ -117,7 +121,8 @@ class TDM(Method):
                 _put(x0_F_target, rows[at_k], _take(x0_hat, at_k))
                 _put(eps_F_target, rows[at_k], _take(eps_hat, at_k))
                 if k > 1:
-                    _put(x, rows, ddim_step(self.schedule, x0_hat, eps_hat, grid[K - k + 1]))
+                    noise = eps_hat if z is None else _take(z[:, K - k], rows)
+                    _put(x, rows, ddim_step(self.schedule, x0_hat, noise, grid[K - k + 1]))
 
         # 2-4. Fake-score update on the rollout's own prediction at step k_F.
         t_m, tau = self.sample_t_m_tau(grid, k_F, rng)
