@@ -42,7 +42,8 @@ class StudentConfig:
     grid_N: int = 900                      # N of the demo grid
     grid_shift: float = 2.0                # shift of the 'shifted' grid
     unify: list[int] = field(default_factory=list)  # TDM-unify: draw K from this set, K-conditioned (§6)
-    stochastic: bool = False               # re-noise with fresh noise between steps instead of eps_hat
+    stochastic: bool = False               # re-noise with fresh noise between steps instead of eps_hat, in
+                                           # training (TDM's rollout and next point) as in sampling (§2)
 
     def grid_spec(self) -> GridSpec:
         return GridSpec(self.grid, self.grid_N, self.grid_shift)
@@ -64,13 +65,16 @@ class LoRAConfig:
 
 @dataclass
 class TDMConfig:
-    interval: str = "separate"             # tau sampling: 'separate', 'shared' or 'randmid' (§4 steps 2-3)
+    interval: str = "separate"             # tau sampling: 'separate', 'shared' (the fake told the step k; toy
+                                           # family only) or 'randmid' (§4 steps 2-3)
+    matching: str = "noisy"                # diffused to tau: 'noisy' the next trajectory point (TDM, §3) or 'clean'
+                                           # the step's x0_hat (paper Table 7's ablation, §7)
     importance_weight: str = "tempered"    # 'tempered' (demo) or 'none' (§4 step 4)
     min_snr_gamma: float = 5.0             # Min-SNR clamp of the fake-score loss weight
     generator_loss: str = "huber_demo"     # 'huber_demo', 'huber_paper' or 'mse' (§4 step 5)
     huber_c: typing.Optional[float] = None  # None: the kind's own c
     tau_min: int = 20                      # tau >= max(tau_min, t_m)
-    tau_margin: int = 10                   # tau <= t_k - tau_margin (separate) or T - tau_margin (shared)
+    tau_margin: int = 10                   # tau <= t_k - tau_margin (separate) or N - tau_margin (shared, N = t_K + 1)
     randmid_margin: int = 20               # randmid: t_m in [t_{k-1}, t_k - randmid_margin)
     fake_anchor: float = 0.0               # flow teachers: weight of the fake's anchor to the teacher (§5)
 
@@ -285,6 +289,7 @@ CHOICES = {
     "net.prediction_type": ("epsilon", "sample", "v_prediction"),
     "student.grid": ("demo", "trailing", "shifted"),
     "tdm.interval": ("separate", "shared", "randmid"),
+    "tdm.matching": ("noisy", "clean"),
     "tdm.importance_weight": ("tempered", "none"),
     "tdm.generator_loss": ("huber_demo", "huber_paper", "mse"),
     "train.mixed_precision": ("no", "fp16", "bf16"),

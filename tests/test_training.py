@@ -52,6 +52,17 @@ def test_unify_trains_step_count_embeddings(tmp_path, one_thread):
         assert net.k_embed.weight.abs().sum() > 0
 
 
+def test_shared_interval_trains_the_fake_score_s_step_embedding(tmp_path, one_thread):
+    """tdm.interval=shared (§4 step 3) with TDM-unify: the fake score alone gets a step-k embedding beside the K one,
+    both move; the student has none and evaluates."""
+    trainer, hist = _train(tmp_path, "s", overrides=["train.iterations=6", "student.unify=[1,2,4]",
+                                                     "tdm.interval=shared"])
+    fake, student = trainer.nets["fake"], trainer.nets["student"]
+    assert fake.step_embed.weight.abs().sum() > 0 and fake.k_embed.weight.abs().sum() > 0
+    assert student.step_embed is None and student.k_embed.weight.abs().sum() > 0
+    assert evaluate(tmp_path / "s", n=200, steps=())["student"]["K=4"]["trained"]
+
+
 def test_student_beats_teacher_ddim_at_equal_nfe(tmp_path, one_thread):
     """Quality on a teacher whose law is known: a 4-step student lands at most half the energy
     distance of the exact teacher's own 4-step DDIM (measured at one thread: 0.0072 vs 0.0331)."""
@@ -63,18 +74,20 @@ def test_student_beats_teacher_ddim_at_equal_nfe(tmp_path, one_thread):
     student, ddim4 = m["student"]["K=4"]["energy_distance"], m["teacher"]["ddim"]["steps=4"]["energy_distance"]
     assert student <= 0.5 * ddim4, (student, ddim4)
     assert m["student"]["K=4"]["mode_coverage"] == 1.0
-    # the trajectory points get closer to the true marginals as t falls (§3)
+    # the trajectory is measured at the student's own grid points (§3)
     traj = m["student"]["K=4"]["trajectory"]
     assert [p["t"] for p in traj] == [899, 674, 449, 224]
     assert (run / "samples.png").stat().st_size > 10_000
 
 
 def test_conditional_teacher_with_cfg(tmp_path, one_thread):
-    """Class-conditional teacher, CFG 2: runs, and reports class accuracy of the samples."""
+    """Class-conditional teacher, CFG 2: runs, and reports class accuracy, computed against the right labels (true
+    samples sit on their own class). After 4 iterations the student's own accuracy says nothing (measured 0.07)."""
     trainer, hist = _train(tmp_path, "c", "toy-gmm-cond", ["train.iterations=4"])
     assert all(m["forwards"] <= 8 for m in hist)
     m = evaluate(tmp_path / "c", n=300, steps=(2,))
-    assert 0.0 <= m["student"]["K=4"]["class_accuracy"] <= 1.0
+    assert "class_accuracy" in m["student"]["K=4"]
+    assert m["reference"]["class_accuracy"] >= 0.99  # measured 1.0; shuffled labels would give about 1/3
     assert m["teacher"]["ddim"]["steps=2"]["nfe"] == 4  # both CFG passes counted
     assert evaluate(tmp_path / "c", n=300, steps=())["teacher"]["ddim"] == {}  # students only (benchmarks/toy.py)
 

@@ -59,6 +59,9 @@ def check_inputs(cfg: Config, dry: bool = False) -> None:
         if family not in families and value != getattr(getattr(default, section), name):
             raise ValueError(f"{key}={value!r} is not used by the {family} family (only by {', '.join(families)}); "
                              "remove it")
+    if cfg.method == "tdm" and cfg.tdm.interval == "shared" and family != "toy":
+        raise ValueError(f"tdm.interval=shared needs a fake score told the step k (§4 step 3), which only the toy "
+                         f"family's MLP has, not the {family} family; use tdm.interval=separate or randmid")
     cls = family_class(family)
     if cfg.train.eval_samples and not hasattr(cls, "quality"):
         raise ValueError(f"train.eval_samples={cfg.train.eval_samples}: the {family} family has no built-in "

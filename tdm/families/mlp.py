@@ -21,10 +21,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class MLPDenoiserNet(nn.Module):
-    """`net(x_t, t, labels, k_steps=None)`: residual MLP with time, class and step-count embeddings.
+    """`net(x_t, t, labels, k_steps=None, step_k=None)`: residual MLP with time, class, step-count and step embeddings.
 
-    The step-count embedding (TDM-unify, §6) starts at zero, so a K-conditioned copy of a
-    pretrained network computes exactly what the pretrained network did.
+    The step-count embedding (K, TDM-unify, §6) and the step embedding (k, the fake score of
+    `tdm.interval=shared`, §4 step 3) start at zero, so a conditioned copy of a pretrained network
+    computes exactly what the pretrained network did.
     """
 
     def __init__(self, dim: int, num_classes: int = 0, hidden: int = 256, depth: int = 3, max_K: int = 0):
@@ -37,6 +38,7 @@ class MLPDenoiserNet(nn.Module):
         self.k_embed = nn.Embedding(max_K + 1, hidden) if max_K else None
         if self.k_embed is not None:
             nn.init.zeros_(self.k_embed.weight)
+        self.step_embed = None                  # added by `add_step_conditioning`
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth)
         )
@@ -47,8 +49,13 @@ class MLPDenoiserNet(nn.Module):
         self.k_embed = nn.Embedding(max_K + 1, self.hidden).to(self.inp.weight)
         nn.init.zeros_(self.k_embed.weight)
 
+    def add_step_conditioning(self, max_K: int) -> None:
+        """A zero-initialised embedding of the step k in 1..max_K, one value per sample (§4 step 3, 'shared')."""
+        self.step_embed = nn.Embedding(max_K + 1, self.hidden).to(self.inp.weight)
+        nn.init.zeros_(self.step_embed.weight)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                k_steps: torch.Tensor | None = None) -> torch.Tensor:
+                k_steps: torch.Tensor | None = None, step_k: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.t_embed(timestep_embedding(t, self.hidden))
         if labels is None:
             labels = torch.full((x_t.shape[0],), self.c_embed.num_embeddings - 1, device=x_t.device)
@@ -57,6 +64,10 @@ class MLPDenoiserNet(nn.Module):
             if self.k_embed is None:
                 raise ValueError("this network has no step-count embedding; build it with max_K > 0")
             emb = emb + self.k_embed(torch.as_tensor(k_steps, device=x_t.device).expand(x_t.shape[0]))
+        if step_k is not None:
+            if self.step_embed is None:
+                raise ValueError("this network has no step embedding; give it one with add_step_conditioning")
+            emb = emb + self.step_embed(step_k.to(x_t.device))
         h = self.inp(x_t) + emb
         for block in self.blocks:
             h = h + block(h)

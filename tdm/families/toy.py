@@ -95,11 +95,15 @@ class ToyFamily:
         return net
 
     def role_nets(self, pretrained: MLPDenoiserNet, roles: list[str]) -> dict[str, MLPDenoiserNet]:
-        """A copy of the pretrained network per role, K-conditioned for TDM-unify (§6)."""
+        """A copy of the pretrained network per role, K-conditioned for TDM-unify (§6); TDM's fake score told the
+        step k under `tdm.interval=shared` (§4 step 3)."""
         nets = {role: copy.deepcopy(pretrained) for role in roles}
         if self.max_K:
             for net in nets.values():
                 net.add_k_conditioning(self.max_K)
+        s = self.cfg.student
+        if "fake" in nets and self.cfg.method == "tdm" and self.cfg.tdm.interval == "shared":
+            nets["fake"].add_step_conditioning(max(s.unify or [s.steps]))
         return nets
 
     def wrap(self, net) -> Denoiser:

@@ -27,11 +27,15 @@ class TDM(Method):
         self.fake = nets["fake"]                        # F, the fake score; self.student is G
         self.guidance = cfg.teacher.guidance            # CFG scale w distilled into the student
         self.k_conditioning = bool(cfg.student.unify)   # student and fake see K (§6)
+        self.step_conditioning = self.c.interval == "shared"  # the fake sees the step k (§4 step 3)
+        self.stochastic = cfg.student.stochastic        # re-noise with fresh noise between steps (§2)
 
     @classmethod
     def forwards(cls, cfg: Config) -> dict[str, float]:
         """Upper bounds (§4): rollout K, fake update 1 (+1 teacher with the §5 anchor), student 1, teacher 1,
-        fake 1; CFG's unconditional half adds one batch equivalent. The public demo's order takes 11 at K = 4."""
+        fake 1; CFG's unconditional half adds one batch equivalent. The public demo's order takes 11 at K = 4.
+        The other switches (`tdm.interval`, `tdm.matching`, `student.stochastic`) change no count: clean matching
+        needs the same prediction at k_F and the same point x_{t_{k_G}}, the stochastic rollout only other noise."""
         calls = max(cfg.student.unify or [cfg.student.steps]) + 4 + int(cfg.tdm.fake_anchor > 0)
         return {"network_calls": calls, "batch_equivalents": calls + (cfg.teacher.guidance != 1), "demo": 11}
 
@@ -44,23 +48,42 @@ class TDM(Method):
         u_lo, u_hi = self.schedule.unwarp(lo), self.schedule.unwarp(hi)
         return self.schedule.warp(u_lo + r * (u_hi - u_lo))
 
-    def sample_t_m_tau(self, t_k: torch.Tensor, t_prev: torch.Tensor, rng: RunRNG):
-        """Next time `t_m` of the step and the diffusion time `tau` inside its segment."""
-        c = self.c
+    def sample_t_m_tau(self, grid: torch.Tensor, k: torch.Tensor, rng: RunRNG):
+        """Next time `t_m` of step `k` (per sample) on `grid` and the diffusion time `tau` (§4 steps 2-3).
+
+        'separate': tau in `[max(tau_min, t_m), t_k - tau_margin]`, the step's own segment. 'shared': tau in
+        `[max(tau_min, t_m), N - tau_margin]` with `N = t_K + 1` (the demo grid's N, T for trailing and shifted
+        grids); the segments overlap, so the fake score is told the step k (§4 step 3 points to §6's K embedding; what
+        tells overlapping segments apart is k). 'randmid': t_m in `[t_{k-1}, t_k - randmid_margin)`.
+        """
+        c, K = self.c, len(grid) - 1
+        t_k, t_prev = grid[K - k], grid[K - k + 1]
         if c.interval == "randmid":
             t_m = self._uniform(t_prev, (t_k - c.randmid_margin - 1).clamp_min(t_prev), rng)
         else:
             t_m = t_prev
         lo = t_m.clamp_min(c.tau_min)
-        top = torch.full_like(t_k, self.schedule.T - c.tau_margin) if c.interval == "shared" else t_k - c.tau_margin
+        top = torch.full_like(t_k, float(grid[0]) + 1 - c.tau_margin) if c.interval == "shared" else t_k - c.tau_margin
         return t_m, self._uniform(lo, top.clamp_min(lo), rng)
 
     def diffuse(self, x0_hat: torch.Tensor, eps_hat: torch.Tensor, t_m: torch.Tensor, tau: torch.Tensor,
                 rng: RunRNG):
-        """`x_m` = the student's next point at `t_m`, then `x_tau = transition(x_m, t_m -> tau, xi)`."""
+        """`x_tau` and its noise `xi` (§3, §4 step 3).
+
+        Noisy matching (TDM): `x_m` = the student's next point at `t_m`, `x_tau = transition(x_m, t_m -> tau, xi)`.
+        Clean matching (paper Table 7, §7): `x_tau = alpha_tau x0_hat + sigma_tau xi`. A stochastic student's next
+        point is `alpha_m x0_hat + sigma_m z` with fresh z, so its `x_tau` has that same law and is drawn so; then
+        `m = xi` and the importance weight is 1: nothing to correct.
+        """
+        xi = rng.randn(x0_hat.shape, x0_hat.dtype)
+        if self.c.matching == "clean" or self.stochastic:
+            return self.schedule.add_noise(x0_hat, xi, tau), xi
         x_m = ddim_step(self.schedule, x0_hat, eps_hat, t_m)
-        xi = rng.randn(x_m.shape, x_m.dtype)
         return self.schedule.transition(x_m, t_m, tau, xi), xi
+
+    def _fake_extra(self, extra: dict, k: torch.Tensor, device: torch.device) -> dict:
+        """The fake score's conditioning: K under TDM-unify (§6), and the step k of each sample in 'shared'."""
+        return {**extra, "step_k": k.to(device)} if self.step_conditioning else extra
 
     # -- one iteration (§4) --------------------------------------------------------------
     def step(self, x_T: torch.Tensor, cond: Cond, uncond: Cond, update: Update,
@@ -75,6 +98,8 @@ class TDM(Method):
         extra = {"k_steps": torch.tensor(K, device=device)} if self.k_conditioning else {}
         k_F = rng.randint(1, K + 1, B)                              # step of the fake update
         k_G = rng.randint(1, K + 1, B)                              # fresh step of the generator update
+        # the stochastic student's fresh noise of every step (§2), drawn whole: the same draws at any rollout depth
+        z = rng.randn((B, K - 1, *x_T.shape[1:]), x_T.dtype) if self.stochastic and K > 1 else None
         for net in (self.student, self.fake, self.teacher):
             net.reset_counters()
 
@@ -96,12 +121,13 @@ class TDM(Method):
                 _put(x0_F_target, rows[at_k], _take(x0_hat, at_k))
                 _put(eps_F_target, rows[at_k], _take(eps_hat, at_k))
                 if k > 1:
-                    _put(x, rows, ddim_step(self.schedule, x0_hat, eps_hat, grid[K - k + 1]))
+                    noise = eps_hat if z is None else _take(z[:, K - k], rows)
+                    _put(x, rows, ddim_step(self.schedule, x0_hat, noise, grid[K - k + 1]))
 
         # 2-4. Fake-score update on the rollout's own prediction at step k_F.
-        t_m, tau = self.sample_t_m_tau(grid[K - k_F], grid[K - k_F + 1], rng)
+        t_m, tau = self.sample_t_m_tau(grid, k_F, rng)
         x_tau, xi = self.diffuse(x0_F_target, eps_F_target, t_m, tau, rng)
-        x0_F, _ = self.fake(x_tau, tau, cond, **extra)
+        x0_F, _ = self.fake(x_tau, tau, cond, **self._fake_extra(extra, k_F, device))
         w_IS = importance_weight(x_tau, x0_F_target, xi, self.schedule.alpha(tau), self.schedule.sigma(tau),
                                  self.c.importance_weight)
         if self.fake.prediction_type == "flow":
@@ -120,11 +146,11 @@ class TDM(Method):
         # 5. Generator update: the single student step k_G with grad, matched at x_tau.
         t_k = grid[K - k_G]
         x0_hat, eps_hat = self.student(x_G, t_k, cond, **extra)
-        t_m, tau = self.sample_t_m_tau(t_k, grid[K - k_G + 1], rng)
+        t_m, tau = self.sample_t_m_tau(grid, k_G, rng)
         x_tau, _ = self.diffuse(x0_hat.detach(), eps_hat.detach(), t_m, tau, rng)
         with torch.no_grad():
             x0_w, _ = cfg_denoise(self.teacher, x_tau, tau, cond, uncond, self.guidance)
-            x0_F, _ = self.fake(x_tau, tau, cond, **extra)
+            x0_F, _ = self.fake(x_tau, tau, cond, **self._fake_extra(extra, k_G, device))
         L_G, D = generator_loss(x0_hat, x0_w, x0_F, self.c.generator_loss, self.c.huber_c)
         update("student", L_G)
 
