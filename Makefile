@@ -16,7 +16,9 @@ $(BIN)/tdm: pyproject.toml constraints.txt
 demo: $(BIN)/tdm
 	$(BIN)/tdm distill --preset digits --output runs/digits
 
+# Lint (ruff check; not ruff format, which would undo the aligned one-line argument comments), then the tests.
 test: $(BIN)/tdm
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/tdm
