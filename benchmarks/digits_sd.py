@@ -18,7 +18,7 @@ import torch
 
 from tdm.cli import main as tdm  # first: sets HF_HUB_OFFLINE, nothing is downloaded
 from tdm.evaluate import load_run, student_sample
-from tdm.export import export_run, load_pipeline
+from tdm.export.pipeline import export_run, load_pipeline
 from tdm.images.sd_teacher import to_digit
 
 VARIANTS = {

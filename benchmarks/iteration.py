@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from networks import NETWORKS, write_pipeline  # noqa: E402
 
 from tdm.config import PRESETS, resolve  # noqa: E402
-from tdm.losses import fake_score_loss, generator_loss, importance_weight, min_snr_weight  # noqa: E402
-from tdm.samplers import ddim_step  # noqa: E402
+from tdm.core.samplers import ddim_step  # noqa: E402
+from tdm.methods.losses import fake_score_loss, generator_loss, importance_weight, min_snr_weight  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
 
 PROMPTS = ["a photo of a cat sitting on a red chair", "An astronaut riding a horse on the moon, 4k",

@@ -223,7 +223,7 @@ def _sample_with(option: str, sample, *args):
 
 
 def _export(args) -> int:
-    from .export import export_run
+    from .export.pipeline import export_run
 
     out = export_run(args.run_dir, args.format, args.output)
     print(f"exported ({args.format}) to {out}; settings in {out / 'tdm_inference.json'}")
@@ -234,7 +234,7 @@ def _sample_pipeline(args) -> int:
     """`tdm sample --teacher PATH --lora FILE --prompt ...`: the stock diffusers pipeline, set up by tdm."""
     import torch
 
-    from .export import load_pipeline
+    from .export.pipeline import load_pipeline
 
     if not args.prompt:
         raise ValueError("--teacher samples one image of --prompt TEXT; give the prompt")

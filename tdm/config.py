@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .schedules import GridSpec
+from .core.schedules import GridSpec
 
 
 @dataclass

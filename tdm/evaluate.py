@@ -12,12 +12,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import Config, validate
-from .denoiser import Denoiser
+from .core.denoiser import Denoiser
+from .core.samplers import sample_ddim, sample_dpmpp_2m, sample_student
+from .core.schedules import teacher_grid
 from .errors import RunError
 from .families import build_family, family_class
 from .run import CONFIG, STUDENT, write_json
-from .samplers import sample_ddim, sample_dpmpp_2m, sample_student
-from .schedules import teacher_grid
 
 TEACHER_SAMPLERS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
 

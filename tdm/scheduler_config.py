@@ -1,7 +1,7 @@
 """A diffusers scheduler config -> the teacher's `alphas_cumprod`, exactly as diffusers computes it.
 
 Handles every beta schedule diffusers has, `trained_betas`, CogVideoX's SNR shift and zero-terminal-SNR
-rescaling (Lin et al. 2023). `VPSchedule.from_config` builds on it; `tdm.export_scheduler` uses it to
+rescaling (Lin et al. 2023). `vp_schedule` builds the teacher's schedule from it; `tdm.export.scheduler` uses it to
 prove that an exported scheduler reproduces the student's sampler.
 """
 
@@ -11,6 +11,8 @@ import inspect
 import math
 
 import torch
+
+from .core.schedules import VPSchedule
 
 ZERO_SNR_TERMINAL = 2.0**-24  # diffusers' DPMSolverMultistep/Euler value for alphas_cumprod[-1] under zero SNR
 COGVIDEOX_CLASSES = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
@@ -82,3 +84,9 @@ def vp_alphas_cumprod(config: dict, terminal: float | None = ZERO_SNR_TERMINAL) 
     return abar
 
 
+
+
+def vp_schedule(config: dict) -> VPSchedule:
+    """A VP teacher's schedule from its diffusers scheduler config dict (scheduler_config.json), with the class's own
+    defaults, CogVideoX's SNR shift and zero-SNR rescaling (terminal abar 2**-24, as diffusers)."""
+    return VPSchedule.from_alphas_cumprod(vp_alphas_cumprod(config))

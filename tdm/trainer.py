@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from . import run
 from .config import Config, dump
+from .core.rng import RunRNG
 from .errors import Interrupted, NonFiniteError, RunError
 from .families import DTYPES, build_family, check_inputs
 from .methods.base import method_class
-from .rng import RunRNG
 
 
 class TrainState:

@@ -31,8 +31,8 @@ def moved_student(run_dir, K: int = 4, n: int = 2):
     export comparison against it can fail. Returns `(x_T, cond, x_student)`."""
     import torch
 
+    from tdm.core.samplers import sample_student
     from tdm.evaluate import load_run
-    from tdm.samplers import sample_student
 
     run = load_run(run_dir)
     g = torch.Generator().manual_seed(0)
@@ -45,7 +45,7 @@ def moved_student(run_dir, K: int = 4, n: int = 2):
 
 def exported_pipeline(run_dir, teacher_path, fmt: str):
     """Export a run, then build a fresh stock pipeline from it: the LoRA on the teacher, or the fused folder."""
-    from tdm.export import export_run, load_pipeline
+    from tdm.export.pipeline import export_run, load_pipeline
 
     out = export_run(run_dir, fmt)
     if fmt == "full":

@@ -15,6 +15,7 @@ from family_harness import (
 from tiny_pipelines import make_cogvideox
 
 from tdm.config import resolve
+from tdm.scheduler_config import vp_schedule
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +33,10 @@ def _train(run, overrides):
 
 def test_per_sample_ops_broadcast_over_video_latents(one_thread):
     """Schedules, DDIM step, transition and losses act per sample on (B, F, C, H, W): batched == one by one."""
-    from tdm.losses import fake_score_loss, generator_loss, importance_weight
-    from tdm.samplers import ddim_step
-    from tdm.schedules import VPSchedule
+    from tdm.core.samplers import ddim_step
+    from tdm.methods.losses import fake_score_loss, generator_loss, importance_weight
 
-    sch = VPSchedule.from_config({"_class_name": "CogVideoXDDIMScheduler", "rescale_betas_zero_snr": True})
+    sch = vp_schedule({"_class_name": "CogVideoXDDIMScheduler", "rescale_betas_zero_snr": True})
     g = torch.Generator().manual_seed(0)
     # B = F = 3: a per-sample factor shaped (B, 1, 1, 1) would silently broadcast over frames instead
     x, e, xi, x2 = (torch.randn(3, 3, 4, 2, 2, generator=g) for _ in range(4))

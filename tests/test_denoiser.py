@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from tdm.denoiser import Denoiser, cfg_denoise
-from tdm.schedules import FlowSchedule, VPSchedule
+from tdm.core.denoiser import Denoiser, cfg_denoise
+from tdm.core.schedules import FlowSchedule, VPSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,8 +12,8 @@ from test_families import FAMILIES
 from torch.overrides import TorchFunctionMode
 
 from tdm.config import resolve
-from tdm.rng import RunRNG
-from tdm.samplers import sample_ddim
+from tdm.core.rng import RunRNG
+from tdm.core.samplers import sample_ddim
 from tdm.trainer import Trainer
 
 RANDOM = {torch.randn, torch.rand, torch.randint, torch.randn_like, torch.rand_like, torch.randint_like,

@@ -8,11 +8,11 @@ import torch
 
 from tdm.cli import main
 from tdm.config import resolve
+from tdm.core.samplers import sample_student
 from tdm.evaluate import load_run, student_sample
 from tdm.families.digits import DigitsFamily, teacher_check, teacher_dir
 from tdm.images.digits import load_digits_split
 from tdm.images.teacher import train_teacher
-from tdm.samplers import sample_student
 from tdm.trainer import Trainer
 
 FAST = ["train.progress=false", "train.checkpoint_every=1000"]

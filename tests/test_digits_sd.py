@@ -10,11 +10,11 @@ from diffusers import StableDiffusionPipeline
 
 from tdm.cli import main
 from tdm.config import resolve
+from tdm.core.samplers import sample_student
 from tdm.evaluate import load_run, student_sample
-from tdm.export import export_run, load_pipeline
+from tdm.export.pipeline import export_run, load_pipeline
 from tdm.families.digits_sd import DigitsSDFamily, teacher_check, teacher_dir
 from tdm.images.sd_teacher import digit_prompts, to_digit
-from tdm.samplers import sample_student
 from tdm.trainer import Trainer
 
 FAST = ["train.progress=false", "train.checkpoint_every=1000"]

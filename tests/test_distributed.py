@@ -31,7 +31,7 @@ def _distill(run: Path, args: list[str], processes: int) -> list[dict]:
 
 @pytest.mark.parametrize("lora", [True, False])
 def test_two_processes_give_the_losses_of_one(teacher, tmp_path, lora):
-    """Each process draws the global batch's numbers and keeps its rows (tdm.rng.RunRNG); DDP averages the
+    """Each process draws the global batch's numbers and keeps its rows (tdm.core.rng.RunRNG); DDP averages the
     gradients, the log averages the losses: one process at batch 4 and two at 2 + 2 must agree to float
     rounding, while the large learning rates make every step move the weights."""
     args = overrides(teacher, "train.batch_size=4", "train.iterations=3", "train.log_every=1",

@@ -8,15 +8,16 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from tdm.denoiser import Denoiser  # noqa: E402
-from tdm.export_scheduler import (  # noqa: E402
+from tdm.core.denoiser import Denoiser  # noqa: E402
+from tdm.core.samplers import sample_student  # noqa: E402
+from tdm.core.schedules import FlowSchedule, VPSchedule, teacher_grid  # noqa: E402
+from tdm.export.scheduler import (  # noqa: E402
     build_inference_scheduler,
     inference_scheduler,
     vp_alphas_cumprod,
     vp_betas,
 )
-from tdm.samplers import sample_student  # noqa: E402
-from tdm.schedules import FlowSchedule, VPSchedule, teacher_grid  # noqa: E402
+from tdm.scheduler_config import vp_schedule
 
 TOL = 1e-5  # absolute for O(1) outputs; relative to max|x| beyond (diffusers keeps float32 tables)
 SHAPE = (3, 4, 4, 4)  # (batch, channels, h, w) latents
@@ -100,7 +101,7 @@ def noise(seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("grid", VP_GRIDS)
 @pytest.mark.parametrize("config", [SD15, SD21_V, PIXART], ids=["sd15-eps", "sd21-v", "pixart-eps"])
 def test_vp_pipeline_matches_student(config, grid, vp_scheduler):
-    schedule = VPSchedule.from_config(config)  # the library's own path for ordinary VP teachers
+    schedule = vp_schedule(config)  # the library's own path for ordinary VP teachers
     assert torch.allclose(schedule.log_abar.exp(), vp_alphas_cumprod(config), rtol=1e-12, atol=0)
     z = noise()
     ref, ref_seen = ours(schedule, config["prediction_type"], grid, z)
@@ -118,7 +119,7 @@ def test_vp_pipeline_matches_student(config, grid, vp_scheduler):
                          ids=["cogvideox2b", "cogvideox5b", "sd-zero-snr-v"])
 def test_zero_snr_pipeline_matches_student(config, grid):
     """Zero-SNR (and CogVideoX's SNR shift): exact once the student's VPSchedule has the teacher's
-    alphas_cumprod with diffusers' terminal 2**-24 (VPSchedule.from_config ignores both keys)."""
+    alphas_cumprod with diffusers' terminal 2**-24 (vp_schedule ignores both keys)."""
     schedule = VPSchedule(vp_betas(config))
     z = noise()
     ref, _ = ours(schedule, "v_prediction", grid, z)
@@ -163,7 +164,7 @@ def test_pixart_one_step_reads_pred_original_sample():
     """PixArtAlphaPipeline takes step(...)[1] when num_inference_steps == 1: Euler provides x0_hat there."""
     grid = [899, 0]
     z = noise()
-    ref, _ = ours(VPSchedule.from_config(PIXART), "epsilon", grid, z)
+    ref, _ = ours(vp_schedule(PIXART), "epsilon", grid, z)
     spec = inference_scheduler(PIXART, grid, "vp", vp_scheduler="euler")
     scheduler = build_inference_scheduler(spec)
     scheduler.set_timesteps(**spec["set_timesteps_kwargs"])
@@ -233,7 +234,7 @@ def test_real_stock_pipelines_end_to_end():
                                        scheduler=build_inference_scheduler(spec), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
         ref = student(lambda x, t, c: unet(x, t, encoder_hidden_states=emb).sample,
-                      VPSchedule.from_config(config), config["prediction_type"], grid)
+                      vp_schedule(config), config["prediction_type"], grid)
         assert close(run(pipe, spec, prompt_embeds=emb).double(), ref)
 
     pixart = PixArtTransformer2DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
@@ -244,7 +245,7 @@ def test_real_stock_pipelines_end_to_end():
                                scheduler=build_inference_scheduler(spec))
     ref = student(lambda x, t, c: pixart(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
                                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample,
-                  VPSchedule.from_config(PIXART), "epsilon", [899, 0], learned_sigma=True)
+                  vp_schedule(PIXART), "epsilon", [899, 0], learned_sigma=True)
     out = run(pipe, spec, prompt_embeds=emb, prompt_attention_mask=mask, use_resolution_binning=False)
     assert close(out.double(), ref)
 

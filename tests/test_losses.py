@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from tdm.losses import (
+from tdm.core.schedules import FlowSchedule, VPSchedule
+from tdm.methods.losses import (
     fake_score_loss,
     generator_loss,
     importance_weight,
     min_snr_weight,
     normaliser,
 )
-from tdm.schedules import FlowSchedule, VPSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,8 +179,8 @@ def test_min_snr_weight_clamps():
 def test_flow_fake_weight_is_velocity_mse():
     """§5: for a flow teacher the fake-score loss weighted by 1/sigma^2 is the plain MSE of velocities
     v = (x_tau - x0) / sigma (what tdm.methods.tdm uses for prediction type 'flow')."""
-    from tdm.losses import fake_score_loss
-    from tdm.schedules import FlowSchedule
+    from tdm.core.schedules import FlowSchedule
+    from tdm.methods.losses import fake_score_loss
 
     g = torch.Generator().manual_seed(0)
     sched = FlowSchedule(3.0)

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from tdm.config import resolve
-from tdm.denoiser import Denoiser
+from tdm.core.denoiser import Denoiser
+from tdm.core.rng import RunRNG
+from tdm.core.schedules import VPSchedule
 from tdm.methods.tdm import TDM
-from tdm.rng import RunRNG
-from tdm.schedules import VPSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -56,7 +56,7 @@ def trained(teacher, tmp_path_factory):
 def _stock(folder, scheduler_spec):
     import diffusers
 
-    from tdm.export_scheduler import build_inference_scheduler
+    from tdm.export.scheduler import build_inference_scheduler
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe.scheduler = build_inference_scheduler(scheduler_spec)
@@ -69,9 +69,9 @@ def test_conditioning_and_cfg_match_stock_pipeline(teacher, teacher_1024, tmp_pa
     """Cached embeddings and masks = `encode_prompt`; the teacher at CFG w (empty prompt = the pipeline's default
     negative "") = the stock pipeline at guidance_scale w, on the exact scheduler, with the 1024 model's
     micro-conditions and the learned-sigma channels dropped on both sides."""
-    from tdm.export_scheduler import inference_scheduler
+    from tdm.core.samplers import sample_ddim
+    from tdm.export.scheduler import inference_scheduler
     from tdm.families import build_family
-    from tdm.samplers import sample_ddim
 
     path = (teacher if which == "512" else teacher_1024)[0]
     fam = build_family(resolve("pixart-512", overrides((path, teacher[1]))), run_dir=tmp_path)
@@ -97,8 +97,8 @@ def test_conditioning_and_cfg_match_stock_pipeline(teacher, teacher_1024, tmp_pa
 
 
 def _student_vs_teacher(run_dir):
+    from tdm.core.samplers import sample_student
     from tdm.evaluate import load_run
-    from tdm.samplers import sample_student
 
     ours = load_run(run_dir)
     g = torch.Generator().manual_seed(0)
@@ -123,7 +123,7 @@ def test_export_reproduces_student_in_stock_pipeline(teacher, trained, tmp_path,
     4-step sampler to 1e-5 relative (fp32): the fused `full` export through export_run / load_pipeline, and the LoRA
     through peft's stock route, `PeftModel.from_pretrained(pipe.transformer, folder)` (as the PixArt-LCM-LoRA
     model card loads it), both wrapped and merged."""
-    from tdm.export import export_run, load_pipeline
+    from tdm.export.pipeline import export_run, load_pipeline
 
     x_T, cond, x_ours = _student_vs_teacher(trained)
     if fmt == "full":
@@ -157,9 +157,9 @@ def test_euler_export_scheduler_for_pixart(teacher, trained, tmp_path, one_threa
     with DPM-Solver a ONE-step PixArtAlphaPipeline crashes (`step(...)[1]` on a 1-tuple)."""
     from peft import PeftModel
 
+    from tdm.core.samplers import sample_student
     from tdm.evaluate import load_run
-    from tdm.export_scheduler import inference_scheduler
-    from tdm.samplers import sample_student
+    from tdm.export.scheduler import inference_scheduler
 
     run = load_run(trained)
     assert run.family.vp_scheduler == "euler"
@@ -169,7 +169,7 @@ def test_euler_export_scheduler_for_pixart(teacher, trained, tmp_path, one_threa
     grid = run.grid(K)
     x_ours = sample_student(run.student, x_T, grid, cond)
     config = json.loads((teacher[0] / "scheduler" / "scheduler_config.json").read_text())
-    from tdm.export import export_run
+    from tdm.export.pipeline import export_run
 
     out = export_run(trained, "diffusers", tmp_path / "peft")
     for name in ("dpm", "euler"):
@@ -186,7 +186,7 @@ def test_euler_export_scheduler_for_pixart(teacher, trained, tmp_path, one_threa
 
 
 def test_diffusers_lora_export_via_export_run(teacher, trained, tmp_path, one_thread):
-    from tdm.export import export_run, load_pipeline
+    from tdm.export.pipeline import export_run, load_pipeline
 
     x_T, cond, x_ours = _student_vs_teacher(trained)
     out = export_run(trained, "diffusers", tmp_path / "diffusers")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from tdm.denoiser import Denoiser
+from tdm.core.denoiser import Denoiser
+from tdm.core.samplers import sample_ddim, sample_dpmpp_2m, sample_euler, sample_student
+from tdm.core.schedules import FlowSchedule, VPSchedule, teacher_grid, timestep_grid
 from tdm.gmm import ExactGMMNet, GaussianMixture
-from tdm.samplers import sample_ddim, sample_dpmpp_2m, sample_euler, sample_student
-from tdm.schedules import FlowSchedule, VPSchedule, teacher_grid, timestep_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

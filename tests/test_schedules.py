@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tdm.schedules import (
+from tdm.core.schedules import (
     PREDICTION_TYPES,
     FlowSchedule,
     GridSpec,
@@ -14,6 +14,7 @@ from tdm.schedules import (
     teacher_grid,
     timestep_grid,
 )
+from tdm.scheduler_config import vp_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,13 +32,13 @@ def _betas(kind, start, end, n=1000):
 VP_CASES = [
     ("linear", VPSchedule.from_betas("linear", 1e-4, 2e-2), _betas("linear", 1e-4, 2e-2)),
     ("scaled_linear", VPSchedule.from_betas("scaled_linear"), _betas("scaled_linear", 0.00085, 0.012)),
-    ("config", VPSchedule.from_config({"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
+    ("config", vp_schedule({"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
                                        "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
                                        "prediction_type": "epsilon", "clip_sample": False}),
      _betas("scaled_linear", 0.00085, 0.012)),
-    ("config-defaults", VPSchedule.from_config({}), _betas("linear", 1e-4, 2e-2)),  # diffusers' defaults
+    ("config-defaults", vp_schedule({}), _betas("linear", 1e-4, 2e-2)),  # diffusers' defaults
     # trained betas chosen exactly representable in float32, so a float32 parse loses nothing
-    ("config-trained", VPSchedule.from_config({"trained_betas": _betas("linear", 1e-3, 1e-2).float().tolist()}),
+    ("config-trained", vp_schedule({"trained_betas": _betas("linear", 1e-3, 1e-2).float().tolist()}),
      _betas("linear", 1e-3, 1e-2).float().double()),
 ]
 

@@ -41,7 +41,7 @@ def test_export_reproduces_student_in_stock_pipeline(teacher, tmp_path, one_thre
 def test_kohya_export_keys(teacher, tmp_path, one_thread):
     from safetensors.torch import load_file
 
-    from tdm.export import export_run
+    from tdm.export.pipeline import export_run
 
     run = tmp_path / "r"
     _train(run, overrides(teacher, "train.iterations=1"))

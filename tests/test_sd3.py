@@ -27,8 +27,8 @@ def _train(run, args):
 def test_shifted_grid_and_exported_sigmas():
     """The preset's 'shifted' grid (s = 3) is a valid float grid on [0, 1000], and the exported
     FlowMatchEulerDiscreteScheduler, driven with its sigmas, steps through exactly that grid."""
-    from tdm.export_scheduler import build_inference_scheduler, inference_scheduler
-    from tdm.schedules import GridSpec, timestep_grid
+    from tdm.core.schedules import GridSpec, timestep_grid
+    from tdm.export.scheduler import build_inference_scheduler, inference_scheduler
 
     grid = timestep_grid(4, GridSpec("shifted", shift=3.0), T=1000, discrete=False)
     assert grid.dtype == torch.float64 and grid.tolist() == [999.0, 899.0, 749.0, 499.0, 0.0]

@@ -25,7 +25,7 @@ def trained(teacher, tmp_path_factory):
 def _stock(folder, scheduler_spec=None):
     import diffusers
 
-    from tdm.export_scheduler import build_inference_scheduler
+    from tdm.export.scheduler import build_inference_scheduler
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     if scheduler_spec is not None:
@@ -39,9 +39,9 @@ def test_conditioning_and_cfg_match_stock_pipeline(teacher, tmp_path, one_thread
     = the stock pipeline at guidance_scale w with no negative prompt, on the exact scheduler."""
     import json
 
-    from tdm.export_scheduler import inference_scheduler
+    from tdm.core.samplers import sample_ddim
+    from tdm.export.scheduler import inference_scheduler
     from tdm.families import build_family
-    from tdm.samplers import sample_ddim
 
     fam = build_family(resolve("sdxl", overrides(teacher)), run_dir=tmp_path)
     assert fam.embeddings["prompt_embeds"].shape[1:] == (77, 80) and fam.embeddings["pooled"].shape[1:] == (40,)
@@ -69,9 +69,9 @@ def test_conditioning_and_cfg_match_stock_pipeline(teacher, tmp_path, one_thread
 def test_export_reproduces_student_in_stock_pipeline(teacher, trained, tmp_path, one_thread, fmt):
     """Export, then a freshly built StableDiffusionXLPipeline (load_lora_weights, or the fused folder) configured
     from tdm_inference.json reproduces the library's own 4-step sampler to 1e-4 (fp32)."""
+    from tdm.core.samplers import sample_student
     from tdm.evaluate import load_run
-    from tdm.export import export_run, load_pipeline
-    from tdm.samplers import sample_student
+    from tdm.export.pipeline import export_run, load_pipeline
 
     ours = load_run(trained)
     g = torch.Generator().manual_seed(0)

@@ -3,7 +3,7 @@
 Latents are 5-D, `(B, F_lat, C, H/8, W/8)` with frames BEFORE channels (the pipeline's layout). TDM's
 schedules, samplers and losses act per sample (`_bcast`, `flatten(1)`), so they need nothing video-specific.
 The teacher's schedule is CogVideoX's SNR-shifted (`snr_shift_scale`) zero-terminal-SNR one, which
-`VPSchedule.from_config` rebuilds exactly as diffusers does; the video LoRA's grid [999, 856, 665, 399]
+`vp_schedule` rebuilds exactly as diffusers does; the video LoRA's grid [999, 856, 665, 399]
 is the 'shifted' grid with s = 2 (§2, preset `cogvideox-2b`).
 """
 

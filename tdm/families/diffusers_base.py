@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..denoiser import Denoiser
+from ..core.denoiser import Denoiser
+from ..core.schedules import Schedule
 from ..methods.base import role_names
 from ..prompts import cached_embeddings, read_prompts
 from ..run import atomic_write, read_json
-from ..schedules import Schedule, VPSchedule
+from ..scheduler_config import vp_schedule
 from . import check_grids
 
 
@@ -134,7 +135,7 @@ class DiffusersFamily:
     network_folder = "unet"              # subfolder of the denoising network
     prediction_type = "epsilon"          # default when the scheduler config does not say
     learned_sigma = False                # PixArt-alpha: extra variance channels, dropped by Denoiser (§1)
-    vp_scheduler = "dpm"                 # exported stock scheduler (tdm.export_scheduler); PixArt: 'euler'
+    vp_scheduler = "dpm"                 # exported stock scheduler (tdm.export.scheduler); PixArt: 'euler'
     lora_targets: tuple[str, ...] = ()   # default LoRA target modules
 
     # -- hooks ---------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class DiffusersFamily:
         """VP teachers: betas and prediction type from the folder's scheduler config (§1)."""
         config = scheduler_config(path)
         self.prediction_type = config.get("prediction_type", self.prediction_type)
-        return VPSchedule.from_config(config)
+        return vp_schedule(config)
 
     def encode_prompts(self, path: Path, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Load the text encoders, encode all prompts (the empty prompt last), free the encoders."""
@@ -319,7 +320,7 @@ class DiffusersFamily:
 
     def preview(self, student: Denoiser, grid_of, path: Path, n_prompts: int = 4, Ks=(1, 2, 4)) -> torch.Tensor:
         """Fixed prompts and noise, the student at each K, decoded: one row per K; returns the image (3, H, W)."""
-        from ..samplers import sample_student
+        from ..core.samplers import sample_student
 
         g = torch.Generator().manual_seed(0)
         n = min(n_prompts, len(self.prompts))

@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..denoiser import Denoiser
+from ..core.denoiser import Denoiser
 from ..images.classifier import load_classifier
 from ..images.digits import load_digits_split
 from ..images.metrics import DigitEvaluator
 from ..images.report import image_grid, quality_plot, write_report
 from ..images.teacher import NUM_CLASSES, LabelUNet, load_teacher
 from ..run import read_json
-from ..schedules import VPSchedule
+from ..scheduler_config import vp_schedule
 from . import check_grids
 
 
@@ -51,7 +51,7 @@ class DigitsFamily:
         if kind != "UNet2DModel":
             raise ValueError(f"teacher.path={folder}: unet/config.json names {kind}, not the UNet2DModel of a "
                              "digits teacher")
-        check_grids(cfg, VPSchedule.from_config(read_json(folder / "scheduler" / "scheduler_config.json")))
+        check_grids(cfg, vp_schedule(read_json(folder / "scheduler" / "scheduler_config.json")))
 
     def __init__(self, cfg: Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.cfg = cfg
@@ -127,8 +127,8 @@ def teacher_check(path: str | Path, n_steps: int = 25, w: float = 2.0, seed: int
 
     `tdm teacher train` records it in teacher.json, so a test can show the committed files reproduce it.
     """
-    from ..samplers import sample_ddim
-    from ..schedules import teacher_grid
+    from ..core.samplers import sample_ddim
+    from ..core.schedules import teacher_grid
 
     net, schedule, _ = load_teacher(path)
     teacher = Denoiser(net.eval(), schedule, "epsilon")

@@ -134,8 +134,8 @@ def teacher_check(path: str | Path, n_steps: int = 25, w: float | None = None, s
     """FD and accuracy of a teacher's DDIM at `n_steps` with CFG `w` (the preset's by default), on the
     same noise and prompts as `tdm eval` draws with `seed`. `tdm teacher train` records it in teacher.json."""
     from ..config import resolve
-    from ..samplers import sample_ddim
-    from ..schedules import teacher_grid
+    from ..core.samplers import sample_ddim
+    from ..core.schedules import teacher_grid
 
     cfg = resolve("digits-sd", [f"teacher.path={path}", "lora.enabled=false"])
     w = cfg.teacher.guidance if w is None else w

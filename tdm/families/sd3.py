@@ -1,7 +1,7 @@
 """Stable Diffusion 3 / 3.5: SD3Transformer2DModel (MMDiT), CLIP x2 + T5, rectified flow (TDM-METHOD §1, §5).
 
 The network predicts the velocity `v = eps - x0` and sees `timestep = 1000 * sigma` (diffusers' axis, which
-is also our `t`, see tdm.schedules); `Schedule.to_x0_eps(..., "flow")` converts it (§1).
+is also our `t`, see tdm.core.schedules); `Schedule.to_x0_eps(..., "flow")` converts it (§1).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..schedules import FlowSchedule
+from ..core.schedules import FlowSchedule
 from .diffusers_base import DiffusersFamily, scheduler_config, vae_shape
 
 

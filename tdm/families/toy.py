@@ -11,12 +11,12 @@ import yaml
 from safetensors.torch import load_file
 
 from ..config import Config
-from ..denoiser import Denoiser
+from ..core.denoiser import Denoiser
+from ..core.schedules import VPSchedule
 from ..gmm import ExactGMMNet, GaussianMixture
 from ..metrics import energy_distance, mode_stats, sliced_wasserstein
 from ..plots import scatter_panels
 from ..run import save_tensors
-from ..schedules import VPSchedule
 from . import check_grids
 from .mlp import MLPDenoiserNet, fit_diffusion
 

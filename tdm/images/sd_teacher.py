@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..schedules import VPSchedule
+from ..scheduler_config import vp_schedule
 from .digits import DigitsSplit
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -173,7 +173,7 @@ def train_unet(latents: torch.Tensor, std: torch.Tensor, embeds: torch.Tensor, p
 
     unet = UNet2DConditionModel(**UNET_CONFIG)
     unet_ema = copy.deepcopy(unet).requires_grad_(False)
-    schedule = VPSchedule.from_config(SCHEDULER_CONFIG)
+    schedule = vp_schedule(SCHEDULER_CONFIG)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = _cosine(opt, steps)
     losses = []

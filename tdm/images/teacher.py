@@ -11,7 +11,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..schedules import VPSchedule
+from ..core.schedules import VPSchedule
+from ..scheduler_config import vp_schedule
 from .digits import DigitsSplit
 
 NUM_CLASSES = 10                 # digits 0..9; label 10 is the null label for CFG
@@ -49,7 +50,7 @@ def load_teacher(path: str | Path) -> tuple[LabelUNet, VPSchedule, dict]:
         raise FileNotFoundError(f"{path} holds no teacher (expected unet/config.json); "
                                 "train one with `tdm teacher train --preset digits --output DIR`")
     unet = UNet2DModel.from_pretrained(path / "unet", local_files_only=True)
-    schedule = VPSchedule.from_config(DDPMScheduler.load_config(path / "scheduler", local_files_only=True))
+    schedule = vp_schedule(DDPMScheduler.load_config(path / "scheduler", local_files_only=True))
     info = json.loads((path / "teacher.json").read_text()) if (path / "teacher.json").exists() else {}
     return LabelUNet(unet), schedule, info
 
@@ -69,7 +70,7 @@ def train_teacher(split: DigitsSplit, output: str | Path, steps: int = RECIPE["s
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = LabelUNet(UNet2DModel(**UNET_CONFIG))
-    schedule = VPSchedule.from_config(SCHEDULER_CONFIG)
+    schedule = vp_schedule(SCHEDULER_CONFIG)
     net_ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)

@@ -16,9 +16,9 @@ import torch
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..denoiser import Cond, Denoiser
-    from ..rng import RunRNG
-    from ..schedules import Schedule
+    from ..core.denoiser import Cond, Denoiser
+    from ..core.rng import RunRNG
+    from ..core.schedules import Schedule
 
 Update = Callable[[str, torch.Tensor], None]  # trainer callback: backward + optimiser step of a role
 NOT_METHODS = {"base", "losses"}              # modules of the package that are no method

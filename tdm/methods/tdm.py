@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from ..denoiser import Cond, Denoiser, cfg_denoise, take_cond
-from ..losses import fake_score_loss, generator_loss, importance_weight, min_snr_weight
-from ..rng import RunRNG
-from ..samplers import ddim_step
-from ..schedules import Schedule
+from ..core.denoiser import Cond, Denoiser, cfg_denoise, take_cond
+from ..core.rng import RunRNG
+from ..core.samplers import ddim_step
+from ..core.schedules import Schedule
 from .base import Method, Role, Update
+from .losses import fake_score_loss, generator_loss, importance_weight, min_snr_weight
 
 
 class TDM(Method):

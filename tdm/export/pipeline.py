@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import RunError
-from .evaluate import load_run, run_config
-from .export_scheduler import build_inference_scheduler, inference_scheduler
-from .families import _DIFFUSERS
-from .families.diffusers_base import scheduler_config
-from .run import read_json, write_json
+from ..errors import RunError
+from ..evaluate import load_run, run_config
+from ..families import _DIFFUSERS
+from ..families.diffusers_base import scheduler_config
+from ..run import read_json, write_json
+from .scheduler import build_inference_scheduler, inference_scheduler
 
 FORMATS = ("diffusers", "kohya", "full")
 
@@ -131,7 +131,7 @@ def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
 
-        from .families import family_class
+        from ..families import family_class
 
         folder = family_class(spec["family"]).network_folder
         peft_net = PeftModel.from_pretrained(getattr(pipe, folder), str(lora if lora.is_dir() else lora.parent))

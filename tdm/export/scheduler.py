@@ -1,6 +1,6 @@
 """Stock diffusers schedulers that reproduce the TDM student sampler exactly (TDM-METHOD §2, §5).
 
-The student sampler (`tdm.samplers.sample_student`, deterministic) runs on a descending grid
+The student sampler (`tdm.core.samplers.sample_student`, deterministic) runs on a descending grid
 `[t_K, ..., t_1, 0]`: `(x0_hat, eps_hat) = G(x_t, t)`, `x_next = alpha_next x0_hat + sigma_next eps_hat`,
 and the last step returns `x0_hat`. A distilled student must run from a STOCK diffusers pipeline, which
 drives its scheduler as `retrieve_timesteps(scheduler, ..., timesteps=...|sigmas=...)` (i.e.
@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import torch
 
-from .scheduler_config import ZERO_SNR_TERMINAL, _resolved, vp_alphas_cumprod
+from ..scheduler_config import ZERO_SNR_TERMINAL, _resolved, vp_alphas_cumprod
 
 KINDS = ("vp", "flow")
 VP_SCHEDULERS = ("dpm", "euler")

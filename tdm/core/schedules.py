@@ -135,14 +135,6 @@ class VPSchedule(Schedule):
             raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected 'linear' or 'scaled_linear'")
         return cls(betas)
 
-    @classmethod
-    def from_config(cls, config: dict) -> "VPSchedule":
-        """Build from a diffusers scheduler config dict (scheduler_config.json), with the class's own
-        defaults, CogVideoX's SNR shift and zero-SNR rescaling (terminal abar 2**-24, as diffusers)."""
-        from .scheduler_config import vp_alphas_cumprod
-
-        return cls.from_alphas_cumprod(vp_alphas_cumprod(config))
-
     def _log_abar(self, t) -> torch.Tensor:
         t = self.check_t(t)
         lo = t.floor().long().clamp(max=self.T - 1)
