@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .core.schedules import GridSpec
+from .core.schedules import BETA_SCHEDULES, GRID_KINDS, PREDICTION_TYPES, GridSpec
+from .methods.losses import GENERATOR_LOSSES, IS_MODES
 
 
 @dataclass
@@ -285,13 +286,13 @@ def resolve(preset: str, overrides: list[str] | None = None) -> Config:
 FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox", "digits-sd")
 CHOICES = {
     "teacher.family": FAMILIES,
-    "teacher.beta_schedule": ("linear", "scaled_linear"),
-    "net.prediction_type": ("epsilon", "sample", "v_prediction"),
-    "student.grid": ("demo", "trailing", "shifted"),
+    "teacher.beta_schedule": BETA_SCHEDULES,
+    "net.prediction_type": tuple(p for p in PREDICTION_TYPES if p != "flow"),  # the toy MLP's VP teacher
+    "student.grid": GRID_KINDS,
     "tdm.interval": ("separate", "shared", "randmid"),
     "tdm.matching": ("noisy", "clean"),
-    "tdm.importance_weight": ("tempered", "none"),
-    "tdm.generator_loss": ("huber_demo", "huber_paper", "mse"),
+    "tdm.importance_weight": IS_MODES,
+    "tdm.generator_loss": GENERATOR_LOSSES,
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
 # (lowest, highest) allowed; None: unbounded; an open bound is written as a predicate. Every number is also finite.

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
+BETA_SCHEDULES = ("linear", "scaled_linear")
+GRID_KINDS = ("demo", "trailing", "shifted")
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,7 @@ class VPSchedule(Schedule):
         elif beta_schedule == "scaled_linear":
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
         else:
-            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected 'linear' or 'scaled_linear'")
+            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES}")
         return cls(betas)
 
     def _log_abar(self, t) -> torch.Tensor:
@@ -203,7 +205,7 @@ def timestep_grid(K: int, spec: GridSpec = GridSpec(), T: int = 1000, discrete: 
         u = k / K
         t = torch.floor(T * spec.shift * u / (1 + (spec.shift - 1) * u) + 1e-6) - 1
     else:
-        raise ValueError(f"unknown grid kind {spec.kind!r}; expected 'demo', 'trailing' or 'shifted'")
+        raise ValueError(f"unknown grid kind {spec.kind!r}; expected one of {GRID_KINDS}")
     t = torch.floor(t + 1e-6) if discrete else t
     grid = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
     return check_grid(grid, T)
