@@ -81,6 +81,17 @@ class TDMConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    skip: int = 20                         # k, the skipping step: t_n = t_{n+k} - k teacher timesteps (LCM §4.3)
+    source: str = "student"                # data-free x_{t_{n+k}}: 'student' samples noised, or the 'teacher' ODE
+    target: str = "student"                # f_theta^-: 'student' (stop-grad, LCM-LoRA) or 'ema' (optim.ema's EMA)
+    loss: str = "huber"                    # 'huber' (pseudo-Huber, LCM) or 'l2'
+    huber_c: float = 0.001                 # c of the pseudo-Huber loss (LCM)
+    sigma_data: float = 0.5                # boundary scalings c_skip, c_out (LCM)
+    timestep_scaling: float = 10.0         # c_skip, c_out see t * timestep_scaling (LCM's value)
+
+
+@dataclass
 class OptimConfig:
     lr_student: float = 1e-4               # generator lr, 1/5 to 1/10 of the fake's (§4 step 6)
     lr_fake: float = 1e-3
@@ -122,6 +133,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     tdm: TDMConfig = field(default_factory=TDMConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -293,6 +305,9 @@ CHOICES = {
     "tdm.matching": ("noisy", "clean"),
     "tdm.importance_weight": IS_MODES,
     "tdm.generator_loss": GENERATOR_LOSSES,
+    "consistency.source": ("student", "teacher"),
+    "consistency.target": ("student", "ema"),
+    "consistency.loss": ("huber", "l2"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
 # (lowest, highest) allowed; None: unbounded; an open bound is written as a predicate. Every number is also finite.
@@ -306,12 +321,14 @@ RANGES = {
     "train.seed": (0, 2**32 - 1), "train.checkpoint_every": (1, None), "train.keep_checkpoints": (1, None),
     "train.log_every": (1, None), "train.preview_every": (0, None), "train.eval_samples": (0, None),
     "train.max_nonfinite_skips": (0, None),
+    "consistency.skip": (1, None),
 }
 HINTS = {"teacher.guidance": " (the CFG scale w; 1 = no guidance)", "student.steps": " (K, the student's steps)",
          "train.keep_checkpoints": " (the newest complete checkpoint is always kept)",
          "train.seed": " (numpy's seed range)", "train.iterations": " (0: only build and save the start)"}
 POSITIVE = ("teacher.beta_start", "teacher.beta_end", "net.pretrain_lr", "student.grid_shift", "lora.alpha",
-            "tdm.min_snr_gamma", "tdm.huber_c", "optim.lr_student", "optim.lr_fake")  # > 0
+            "tdm.min_snr_gamma", "tdm.huber_c", "consistency.huber_c", "consistency.sigma_data",
+            "consistency.timestep_scaling", "optim.lr_student", "optim.lr_fake")  # > 0
 
 
 def _fields(cfg: Config):
@@ -359,6 +376,11 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.0, 0.95]")
     if not 0 <= o.ema < 1:
         raise ValueError(f"optim.ema={o.ema} is a decay in [0, 1) (0 = no EMA), e.g. 0.999")
+    if cfg.method == "consistency" and not s.stochastic:  # the LCM sampler, read by `tdm eval` / `tdm sample`
+        raise ValueError("method=consistency samples the LCM way (predict x0, re-noise with fresh noise): set "
+                         "student.stochastic=true")
+    if cfg.method == "consistency" and cfg.consistency.target == "ema" and o.ema == 0:
+        raise ValueError("consistency.target=ema uses the trainer's EMA of the student: set optim.ema, e.g. 0.95")
     if any(not target for target in cfg.lora.targets):
         raise ValueError(f"lora.targets={cfg.lora.targets} holds an empty module name")
 

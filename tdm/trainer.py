@@ -143,6 +143,8 @@ class Trainer:
 
         self.method = method_cls(cfg, family.schedule, family.teacher,
                                  {r: family.wrap(net) for r, net in self.nets.items()}, fixed_shapes=tr.compile)
+        if self.ema is not None:  # a method may read it (a consistency target); its updates stay the trainer's
+            self.method.student_ema = family.wrap(self.ema.module)
         self.grad_norms: dict[str, torch.Tensor] = {}
         # The non-finite guard: per role, the first step whose [loss, grad norm] was not finite (0: none yet).
         # Kept on the device, so an iteration never waits for it; read at log and checkpoint steps.

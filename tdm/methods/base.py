@@ -43,6 +43,7 @@ class Method:
 
     roles: tuple[Role, ...] = ()
     progress: tuple[tuple[str, str], ...] = ()
+    student_ema: Denoiser | None = None   # the trainer's EMA of the student when optim.ema > 0 (set after __init__)
 
     def __init__(self, cfg: Config, schedule: Schedule, teacher: Denoiser, nets: dict[str, Denoiser],
                  fixed_shapes: bool = False):
