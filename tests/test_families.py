@@ -7,8 +7,10 @@ from family_harness import overrides, teacher_folder, train
 from PIL import Image
 from tiny_pipelines import make_cogvideox, make_pixart, make_sd3, make_sd15, make_sdxl
 
+from tdm import config
 from tdm.estimate import static_bytes
 from tdm.families import family_class
+from tdm.families.base import Family
 
 FAMILIES = {  # name: (preset, builder, extra overrides)
     "sd15": ("sd15", make_sd15, ()),
@@ -78,3 +80,13 @@ def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path,
     assert all(p.dtype == torch.bfloat16 for p in full.family.base.parameters())
     for net in (full.nets["student"], full.nets["fake"]):
         assert all(p.dtype == torch.float32 and p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", config.FAMILIES)
+def test_every_family_fulfils_the_contract(name):
+    """Every registered family subclasses `Family` and implements each required method itself or through a parent
+    family (the base's raise NotImplementedError)."""
+    cls = family_class(name)
+    assert issubclass(cls, Family)
+    required = [k for k, v in vars(Family).items() if callable(getattr(v, "__func__", v)) and not k.startswith("_")]
+    assert required and all(getattr(cls, k) is not getattr(Family, k) for k in required), name

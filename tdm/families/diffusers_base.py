@@ -23,6 +23,7 @@ from ..prompts import cached_embeddings, read_prompts
 from ..run import atomic_write, read_json
 from ..scheduler_config import vp_schedule
 from . import check_grids
+from .base import Family
 
 
 def scheduler_config(path: Path) -> dict:
@@ -126,7 +127,7 @@ class RoleNet(nn.Module):
         return nn.modules.module._IncompatibleKeys([], [])
 
 
-class DiffusersFamily:
+class DiffusersFamily(Family):
     """Base class; subclasses set the class attributes and implement the four hooks below."""
 
     conditional = True

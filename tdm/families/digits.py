@@ -18,6 +18,7 @@ from ..images.teacher import NUM_CLASSES, LabelUNet, load_teacher
 from ..run import read_json
 from ..scheduler_config import vp_schedule
 from . import check_grids
+from .base import Family
 
 
 def teacher_dir(path: str) -> Path:
@@ -27,7 +28,7 @@ def teacher_dir(path: str) -> Path:
     return Path(path)
 
 
-class DigitsFamily:
+class DigitsFamily(Family):
     """Class-conditional 8x8 images; the distillation loop sees labels only, never images."""
 
     conditional = True

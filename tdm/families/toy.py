@@ -18,6 +18,7 @@ from ..metrics import energy_distance, mode_stats, sliced_wasserstein
 from ..plots import scatter_panels
 from ..run import save_tensors
 from . import check_grids
+from .base import Family
 from .mlp import MLPDenoiserNet, fit_diffusion
 
 
@@ -35,7 +36,7 @@ def load_mixture(name_or_path: str) -> GaussianMixture:
     return GaussianMixture.from_dict(yaml.safe_load(embedded.read_text()), source=name_or_path)
 
 
-class ToyFamily:
+class ToyFamily(Family):
     """Everything the method and trainer need to know about the toy teacher."""
 
     teacher_steps = (1, 2, 4, 8, 50)   # teacher sampler steps that `tdm eval` measures
