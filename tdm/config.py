@@ -81,6 +81,14 @@ class TDMConfig:
 
 
 @dataclass
+class DMD2Config:
+    fake_updates: int = 5                  # two-time-scale update rule: fake-score updates per student update (DMD2: 5)
+    tau_min: int = 20                      # tau uniform in [tau_min, tau_max] for the generator and the fake score
+    tau_max: int = 980                     # (DMD2: 0.02 T and 0.98 T)
+    min_snr_gamma: float = 5.0             # Min-SNR clamp of the fake-score loss weight, as tdm.min_snr_gamma
+
+
+@dataclass
 class ConsistencyConfig:
     skip: int = 20                         # k, the skipping step: t_n = t_{n+k} - k teacher timesteps (LCM §4.3)
     source: str = "student"                # data-free x_{t_{n+k}}: 'student' samples noised, or the 'teacher' ODE
@@ -133,6 +141,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     tdm: TDMConfig = field(default_factory=TDMConfig)
+    dmd2: DMD2Config = field(default_factory=DMD2Config)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -316,7 +325,8 @@ RANGES = {
     "net.hidden": (2, None), "net.depth": (0, None), "net.pretrain_steps": (1, None), "net.pretrain_batch": (1, None),
     "student.steps": (1, None), "student.grid_N": (1, None), "data.max_prompt_chars": (1, None),
     "lora.rank": (1, None), "tdm.tau_min": (0, None), "tdm.tau_margin": (0, None), "tdm.randmid_margin": (0, None),
-    "tdm.fake_anchor": (0, None), "optim.weight_decay": (0, None), "optim.grad_clip": (0, None),
+    "tdm.fake_anchor": (0, None), "dmd2.fake_updates": (1, None), "dmd2.tau_min": (0, 499),
+    "dmd2.tau_max": (500, 999), "optim.weight_decay": (0, None), "optim.grad_clip": (0, None),
     "optim.warmup": (0, None), "train.iterations": (0, None), "train.batch_size": (1, None),
     "train.seed": (0, 2**32 - 1), "train.checkpoint_every": (1, None), "train.keep_checkpoints": (1, None),
     "train.log_every": (1, None), "train.preview_every": (0, None), "train.eval_samples": (0, None),
@@ -327,7 +337,7 @@ HINTS = {"teacher.guidance": " (the CFG scale w; 1 = no guidance)", "student.ste
          "train.keep_checkpoints": " (the newest complete checkpoint is always kept)",
          "train.seed": " (numpy's seed range)", "train.iterations": " (0: only build and save the start)"}
 POSITIVE = ("teacher.beta_start", "teacher.beta_end", "net.pretrain_lr", "student.grid_shift", "lora.alpha",
-            "tdm.min_snr_gamma", "tdm.huber_c", "consistency.huber_c", "consistency.sigma_data",
+            "tdm.min_snr_gamma", "tdm.huber_c", "dmd2.min_snr_gamma", "consistency.huber_c", "consistency.sigma_data",
             "consistency.timestep_scaling", "optim.lr_student", "optim.lr_fake")  # > 0
 
 
