@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -13,7 +14,9 @@ from tdm.core.denoiser import Denoiser
 from tdm.core.rng import RunRNG
 from tdm.core.samplers import ddim_step
 from tdm.core.schedules import FlowSchedule, VPSchedule
+from tdm.evaluate import evaluate
 from tdm.methods.dmd2 import DMD2, distribution_matching_loss
+from tdm.trainer import Trainer
 
 B, NULL = 64, 1  # batch; the stubs' null label (CFG's unconditional pass)
 
@@ -219,3 +222,44 @@ def test_flow_teacher_fake_loss_and_times():
     candidates = torch.stack([c.out.detach() for c in log if c.role == "student" and not c.grad])  # (K, B, 2)
     err = (candidates - target).abs().amax(2).amin(0)   # each row's target is one of its K predictions
     assert err.max() < 1e-4, err.max()
+
+
+# -- short training on the exact Gaussian-mixture teacher -------------------------------------------------------
+SMALL = ["train.progress=false", "net.hidden=128", "net.depth=2", "net.pretrain_steps=800", "net.pretrain_batch=256",
+         "train.batch_size=256", "train.checkpoint_every=100000"]
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """The MLP fit every student starts from (both roles are copies of it), measured as a 4-step student, and the
+    exact teacher's own 4-step DDIM on the same 2000 start noises."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("dmd2") / "start"
+    Trainer(resolve("toy-gmm", SMALL + ["train.iterations=0"]), run).train()
+    m = evaluate(run, n=2000, steps=(4,))
+    yield run / "pretrained.safetensors", m["student"]["K=4"], m["teacher"]["ddim"]["steps=4"]
+    torch.set_num_threads(threads)
+
+
+def test_short_training_beats_its_start_and_the_teachers_4_step_ddim(start, tmp_path, one_thread):
+    """150 iterations of DMD2 (one fake update per student update, the default learning rates) on `toy-gmm`: the
+    4-step student lands well below its start and below the exact teacher's 4-step DDIM, at equal NFE.
+
+    Measured (2000 samples, one thread): start 0.0316, teacher DDIM-4 0.0352, student 0.0186 (train.seed 1 and 2:
+    0.0195, 0.0196). The small MLP caps both methods here: TDM from the same fit sat at 0.020-0.022 after 300-600
+    iterations at batch 128. With the preset's MLP and 600 iterations DMD2 reaches 0.0031-0.0135 against DDIM-4's 0.0326
+    (README, "Methods"; benchmarks/dmd2_toy.py). Five fake updates per student update are not asserted at this
+    budget: after 150 iterations they landed at 0.021, 0.035 and 0.021 over seeds 0-2 (short runs are noisy).
+    """
+    pretrained, at_start, ddim4 = start
+    run = tmp_path / "dmd2"
+    run.mkdir()
+    shutil.copy(pretrained, run / "pretrained.safetensors")
+    hist = Trainer(resolve("toy-gmm", SMALL + ["method=dmd2", "dmd2.fake_updates=1", "train.iterations=150"]),
+                   run).train()
+    assert all(h["forwards"] <= 8 for h in hist)
+    student = evaluate(run, n=2000, steps=())["student"]["K=4"]
+    assert student["energy_distance"] < 0.8 * at_start["energy_distance"], (student, at_start)
+    assert student["energy_distance"] < 0.75 * ddim4["energy_distance"], (student, ddim4)
+    assert student["mode_coverage"] == 1.0
