@@ -72,18 +72,21 @@ def main() -> None:
     for i, (name, ov) in enumerate(todo.items()):
         m = train_and_eval(args.preset, [*ov, f"train.seed={args.seed}"], pretrained, work / f"run{i}", teacher=first)
         if first:
-            results["teacher ddim 4"] = m["teacher"]["ddim"]["steps=4"]
+            ddim = m["teacher"]["ddim"]["steps=4"]
+            results[f"teacher ddim 4 steps (NFE {ddim['nfe']})"] = ddim
             results["true samples (floor)"] = m["reference"]
             first = False
         (e,) = m["student"].values()
         results[name] = {**e, "iterations": m["iterations"], "wall_s": round(m["wall_s"], 1),
                          "forwards": m["forwards"], "overrides": ov}
-        print(name, {k: e[k] for k in KEYS}, f"{m['wall_s']:.0f} s, {m['forwards']:.2f} fwd/it", flush=True)
-    lines = ["| run | " + " | ".join(KEYS) + " | iters | wall s | fwd/iter |", "|" + "---|" * (len(KEYS) + 4)]
+        shown = {k: e[k] for k in KEYS + ("class_accuracy",) if k in e}
+        print(name, shown, f"{m['wall_s']:.0f} s, {m['forwards']:.2f} fwd/it", flush=True)
+    keys = KEYS + (("class_accuracy",) if "class_accuracy" in results["true samples (floor)"] else ())
+    lines = ["| run | " + " | ".join(keys) + " | iters | wall s | fwd/iter |", "|" + "---|" * (len(keys) + 4)]
     for name, e in results.items():
         extra = [str(e.get("iterations", "")), str(e.get("wall_s", "")), f"{e['forwards']:.2f}" if "forwards" in e
                  else ""]
-        lines.append(f"| {name} | " + " | ".join(f"{e[k]:.4f}" for k in KEYS) + " | " + " | ".join(extra) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{e[k]:.4f}" for k in keys) + " | " + " | ".join(extra) + " |")
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
