@@ -224,6 +224,30 @@ def test_flow_teacher_fake_loss_and_times():
     assert err.max() < 1e-4, err.max()
 
 
+def test_every_draw_comes_from_the_run_generators():
+    """The same RunRNG seed gives the same iteration whatever torch's global generator holds (stochastic rollouts,
+    fresh start noises, tau, the noise of x_tau)."""
+    out = []
+    for global_seed in (1, 2):
+        _, method, log = _setup(["dmd2.fake_updates=3", "student.stochastic=true"])
+        torch.manual_seed(global_seed)
+        _, m, _ = _step(method)
+        out.append((m["loss_fake"], m["loss_student"], torch.cat([c.x for c in log])))
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_resume_continues_with_identical_losses(tmp_path, one_thread):
+    """Every draw goes through the run's generators: 3 + 3 iterations from a checkpoint equal 6 in one go."""
+    tiny = ["train.progress=false", "net.hidden=32", "net.depth=1", "net.pretrain_steps=20", "train.batch_size=32",
+            "method=dmd2", "dmd2.fake_updates=2", "student.stochastic=true", "train.checkpoint_every=3"]
+    full = Trainer(resolve("toy-gmm", tiny + ["train.iterations=6"]), tmp_path / "full").train()
+    Trainer(resolve("toy-gmm", tiny + ["train.iterations=3"]), tmp_path / "split").train()
+    rest = Trainer(resolve("toy-gmm", tiny + ["train.iterations=6"]), tmp_path / "split").train()
+    assert [m["step"] for m in rest] == [4, 5, 6]
+    for a, b in zip(full[3:], rest):
+        assert (a["loss_fake"], a["loss_student"]) == (b["loss_fake"], b["loss_student"])
+
+
 # -- short training on the exact Gaussian-mixture teacher -------------------------------------------------------
 SMALL = ["train.progress=false", "net.hidden=128", "net.depth=2", "net.pretrain_steps=800", "net.pretrain_batch=256",
          "train.batch_size=256", "train.checkpoint_every=100000"]
