@@ -40,8 +40,8 @@ def distribution_matching_loss(x0_hat: torch.Tensor, x0_real: torch.Tensor,
 class DMD2(Method):
     """One iteration: `fake_updates` fake-score updates, each on a fresh backward simulation, then one student update.
 
-    `train.iterations` therefore counts student updates, as for TDM; an iteration costs about `fake_updates` times
-    a TDM fake update (see `forwards`).
+    `train.iterations` therefore counts student updates, as for TDM; an iteration costs `fake_updates` rollouts
+    and fake updates, then one student update (see `forwards`).
     """
 
     roles = (Role("student", "the student", clip=True, metrics=("loss_student", "grad_norm_student", "D")),
