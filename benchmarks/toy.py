@@ -56,7 +56,7 @@ def render(results: dict) -> str:
     runs = results["runs"]
     first = runs["TDM K=4"][f"seed={results['seeds'][0]}"]
     keys = ["energy_distance", "energy_distance_vs_teacher", "sliced_w1", "sliced_w1_vs_teacher", "mode_coverage",
-            "off_mode"] + (["class_accuracy"] if "class_accuracy" in first["reference"] else [])
+            "off_mode", "mode_std_ratio"] + (["class_accuracy"] if "class_accuracy" in first["reference"] else [])
     rows = [("true samples (floor of the distances to the true law)", "-", [first["reference"]], "", "", ""),
             (f"teacher law (floor of the distances to it; exact reference sampler, w = {first['guidance']:g})",
              first["teacher_law"]["nfe"], [first["teacher_law"]], "", "", "")]

@@ -250,12 +250,15 @@ def test_mode_stats_exact_samples():
     mix = _four_modes()
     g = torch.Generator().manual_seed(6)
     labels = mix.sample_labels(4000, generator=g)
-    x, _ = mix.sample(4000, generator=g, labels=labels)
+    x, comp = mix.sample(4000, generator=g, labels=labels)
     st = mode_stats(mix, x, labels)
     assert st["mode_coverage"] == 1.0 and st["off_mode"] < 0.01 and st["class_accuracy"] > 0.99
     assert mode_stats(mix, x, 1 - labels)["class_accuracy"] < 0.01
     st = mode_stats(mix, x)  # unconditional
     assert st["mode_coverage"] == 1.0 and "class_accuracy" not in st
+    assert st["mode_std_ratio"] == pytest.approx(1.0, abs=0.03)  # 4000 samples: about 1% standard error
+    narrowed = mix.means[comp] + 0.5 * (x.double() - mix.means[comp])
+    assert mode_stats(mix, narrowed)["mode_std_ratio"] == pytest.approx(0.5, abs=0.02)
 
 
 def test_mode_stats_collapsed_and_off_mode():
@@ -271,3 +274,4 @@ def test_mode_stats_collapsed_and_off_mode():
     assert mode_stats(mix, few, min_share=0.01)["mode_coverage"] == 1.0
     far = torch.zeros(1000, 2) + 0.1 * torch.randn(1000, 2, generator=g)  # the origin sits between the modes
     assert mode_stats(mix, far)["off_mode"] == 1.0
+    assert math.isnan(mode_stats(mix, far)["mode_std_ratio"])  # no sample on any mode: undefined (null in JSON)
