@@ -143,12 +143,15 @@ def _print_estimate(cfg, gpu: int | None = None) -> None:
 
 def _print_metrics(m: dict) -> None:
     keys = [k for k in m["reference"]]
-    print(f"{'':24}{'NFE':>5}" + "".join(f"{k:>18}" for k in keys))
+    width = {k: max(18, len(k) + 2) for k in keys}
+    print(f"{'':24}{'NFE':>5}" + "".join(f"{k:>{width[k]}}" for k in keys))
     rows = [("true samples (floor)", "-", m["reference"])]
+    if "teacher_law" in m:  # the teacher's own law (exact reference sampler), a second draw: the *_vs_teacher floor
+        rows.append(("teacher law (reference)", m["teacher_law"]["nfe"], m["teacher_law"]))
     rows += [(f"student {k}", v["nfe"], v) for k, v in m["student"].items()]
     rows += [(f"teacher {s} {k}", v["nfe"], v) for s, d in m["teacher"].items() for k, v in d.items()]
     for name, nfe, v in rows:
-        print(f"{name:24}{nfe!s:>5}" + "".join(f"{v.get(k, float('nan')):>18.4f}" for k in keys))
+        print(f"{name:24}{nfe!s:>5}" + "".join(f"{v.get(k, float('nan')):>{width[k]}.4f}" for k in keys))
 
 
 def _sample(args) -> int:

@@ -116,8 +116,10 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, steps=Non
     """Student at its trained K (and the family's display Ks) and the teacher's samplers at `steps`.
 
     Every entry uses the same start noise and conditions; `reference` holds real samples, the floor
-    each distance can reach at this sample count. Teacher `nfe` counts both CFG passes. Writes
-    `metrics.json` and the family's figures into the run directory.
+    each distance can reach at this sample count. Where the family draws its teacher's own law (toy),
+    entries also hold distances to it (`*_vs_teacher`) and `teacher_law` a second draw of it (that
+    floor). Teacher `nfe` counts both CFG passes. Writes `metrics.json` and the family's figures into
+    the run directory.
     """
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
@@ -134,12 +136,22 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, steps=Non
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(fam.sample_shape(n), generator=g)
     cond, uncond = fam.eval_cond(n, g)
-    qual = lambda x: _rounded(fam.quality(x, cond, torch.Generator().manual_seed(seed + 1)))  # noqa: E731
-    true, floor = fam.reference(n, cond, torch.Generator().manual_seed(seed + 2))
+    # A family that can draw its teacher's own law (the toy's exact teacher) is measured against it too
+    # (`*_vs_teacher`); `teacher_law` is a second, independent draw: that distance's floor, and the
+    # teacher law's own distance to the true law.
+    law = {}
+    if hasattr(fam, "teacher_law"):
+        law["teacher_law"] = fam.teacher_law(cond, torch.Generator().manual_seed(seed + 4))
+    qual = lambda x: _rounded(fam.quality(x, cond, torch.Generator().manual_seed(seed + 1), **law))  # noqa: E731
+    true, floor = fam.reference(n, cond, torch.Generator().manual_seed(seed + 2), **law)
     cfg_passes = 1 if run.cfg.teacher.guidance == 1 else 2
     out = {"n_samples": n, "guidance": run.cfg.teacher.guidance, "reference": _rounded(floor), "student": {},
            "teacher": {name: {} for name in TEACHER_SAMPLERS}}
     samples = {"student": {}, "teacher": {}, "true": true}
+    if law:
+        second = fam.teacher_law(cond, torch.Generator().manual_seed(seed + 5))
+        out["teacher_law"] = {**qual(second), "nfe": fam.teacher_law_steps * cfg_passes}
+        samples["teacher_law"] = second
     for K in sorted(set(run.Ks) | set(fam.student_eval_Ks)):
         x0, traj = student_sample(run, K, x_T, cond, return_trajectory=True)
         entry = {**qual(x0), "nfe": K, "trained": K in run.Ks}

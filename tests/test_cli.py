@@ -28,9 +28,13 @@ def test_distill_eval_sample(tmp_path, one_thread, capsys):
     for sampler in ("ddim", "dpmpp_2m"):
         assert [e["nfe"] for e in m["teacher"][sampler].values()] == [1, 2, 4, 8, 50]
         assert all(set(e) - {"nfe"} == keys for e in m["teacher"][sampler].values())  # same keys, comparable
+    # every entry is measured against the true law and against the teacher's own law (its reference sampler)
+    assert {"energy_distance", "energy_distance_vs_teacher", "sliced_w1", "sliced_w1_vs_teacher"} <= keys
+    assert set(m["reference"]) == keys and set(m["teacher_law"]) - {"nfe"} == keys and m["teacher_law"]["nfe"] == 200
 
     assert main(["eval", str(run), "--n", "100"]) == 0
-    assert "teacher ddim steps=4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "teacher ddim steps=4" in printed and "teacher law (reference)" in printed
     assert main(["sample", str(run), "--steps", "2", "--n", "50", "--out", str(tmp_path / "s.npy")]) == 0
     assert np.load(tmp_path / "s.npy").shape == (50, 2)
     _image(tmp_path / "s.png")

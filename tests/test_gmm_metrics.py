@@ -6,8 +6,12 @@ import math
 import pytest
 import torch
 
-from tdm.gmm import GaussianMixture
-from tdm.metrics import energy_distance, mode_stats, sliced_wasserstein
+from tdm.core.denoiser import Denoiser, cfg_denoise
+from tdm.core.samplers import sample_ddim
+from tdm.core.schedules import VPSchedule, teacher_grid
+from tdm.families.toy import load_mixture
+from tdm.gmm import ExactGMMNet, GaussianMixture, sample_teacher_law
+from tdm.metrics import assign_components, energy_distance, mode_stats, sliced_wasserstein
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,6 +83,79 @@ def test_sample_noisy_marginal():
     x = x.double()
     torch.testing.assert_close(x.mean(0), torch.tensor([1.2, -0.6], dtype=F64), atol=0.03, rtol=0)
     torch.testing.assert_close(x.var(0), torch.tensor([0.09 + 0.64, 1.44 + 0.64], dtype=F64), atol=0, rtol=0.03)
+
+
+# -- the teacher's own law (the reference sampler) ------------------------------------------------
+TOY_SCHEDULE = VPSchedule.from_betas("scaled_linear", 0.00085, 0.012)  # the toy teacher's (TeacherConfig)
+
+
+def _top(mix, n, g, labels=None):
+    """Exact draws of the marginal at the teacher's top time T - 1, and its (alpha, sigma)."""
+    t = torch.tensor(float(TOY_SCHEDULE.T - 1))
+    a, s = TOY_SCHEDULE.alpha(t).item(), TOY_SCHEDULE.sigma(t).item()
+    return mix.sample(n, g, labels, a, s)[0], a, s
+
+
+def _per_mode(mix, x):
+    """Share, mean and per-dimension std of the samples nearest each component."""
+    comp = assign_components(mix, x, max_std=math.inf)
+    x = x.double()
+    return ([(comp == j).double().mean().item() for j in range(len(mix.weights))],
+            torch.stack([x[comp == j].mean(0) for j in range(len(mix.weights))]),
+            torch.stack([x[comp == j].std(0) for j in range(len(mix.weights))]))
+
+
+def test_teacher_law_reproduces_the_true_modes():
+    """Unguided, the reference sampler of the exact teacher draws the mixture itself: each mode's share, mean and
+    per-dimension std (0.08 the narrowest) within 5% (about 4 standard errors at 10,000 samples). The teacher's
+    50-step DDIM, whose last step jumps from t = 19 to the posterior mean, fails the same check: it leaves the
+    std-0.08 direction at 0.042 and the std-0.05 one at 0.017 (the reference: 0.080 and 0.049). So does a
+    999-step grid ending at t = 1 (0.038 for 0.05): the schedule's smallest times still carry noise."""
+    mix = GaussianMixture([0.3, 0.7], [[-1.0, 0.0], [1.0, 0.0]], [[0.08, 0.3], [0.2, 0.05]])
+    x_top, a, s = _top(mix, 10_000, torch.Generator().manual_seed(0))
+    share, mean, std = _per_mode(mix, sample_teacher_law(mix, x_top, a, s))
+    assert share == pytest.approx([0.3, 0.7], abs=0.015)
+    torch.testing.assert_close(mean, mix.means, atol=0.01, rtol=0)
+    torch.testing.assert_close(std, mix.stds, atol=0, rtol=0.05)
+
+    teacher = Denoiser(ExactGMMNet(mix, TOY_SCHEDULE), TOY_SCHEDULE, "sample")
+    _, _, std50 = _per_mode(mix, sample_ddim(teacher, x_top, teacher_grid(50, TOY_SCHEDULE)))
+    assert std50[0, 0] < 0.06 and std50[1, 1] < 0.95 * 0.05  # the shrinking sampler the check must catch
+
+
+def test_guided_posterior_mean_is_the_teachers_cfg():
+    """The reference's guided denoiser is the library's CFG (§1) of the exact teacher, to the last bit."""
+    mix = load_mixture("cond4d")
+    g = torch.Generator().manual_seed(3)
+    x_t = torch.randn(64, 4, generator=g, dtype=F64)
+    t = torch.full((64,), 311.0, dtype=F64)
+    labels = mix.sample_labels(64, g)
+    teacher = Denoiser(ExactGMMNet(mix, TOY_SCHEDULE), TOY_SCHEDULE, "sample")
+    x0_w, _ = cfg_denoise(teacher, x_t, t, labels, torch.full_like(labels, mix.null_label), 2.5)
+    a, s = TOY_SCHEDULE.alpha(t), TOY_SCHEDULE.sigma(t)
+    torch.testing.assert_close(mix.guided_posterior_mean(x_t, a, s, labels, 2.5), x0_w, atol=1e-12, rtol=0)
+    torch.testing.assert_close(mix.guided_posterior_mean(x_t, a, s, labels, 1.0), mix.posterior_mean(x_t, a, s, labels))
+
+
+def test_guided_teacher_law_is_converged_and_differs_from_the_true_law():
+    """With CFG 2 on `cond4d` the reference at its 200 steps agrees with 600 steps (99% of samples within 5e-3;
+    measured 1.6e-3), every sample stays on its class, and the law is not the true one: guidance narrows the
+    modes (measured 0.86x their std on average; 0.99x at w = 1) and moves weight within a class (component 2
+    holds 0.75 of class 1 in the true law, 0.83 in the guided one)."""
+    mix = load_mixture("cond4d")
+    g = torch.Generator().manual_seed(4)
+    labels = mix.sample_labels(2000, g)
+    x_top, a, s = _top(mix, 2000, g, labels)
+    x200 = sample_teacher_law(mix, x_top, a, s, labels, 2.0)
+    x600 = sample_teacher_law(mix, x_top, a, s, labels, 2.0, steps=600)
+    assert (x200 - x600).abs().amax(1).quantile(0.99) < 5e-3
+    assert mode_stats(mix, x200, labels)["class_accuracy"] == 1.0
+    share, _, std = _per_mode(mix, x200)
+    ratio = (std / mix.stds).mean().item()
+    assert 0.75 < ratio < 0.93, ratio
+    assert share[2] / (share[2] + share[3]) > 0.79  # true: 1.5 / (1.5 + 0.5) = 0.75
+    _, _, std1 = _per_mode(mix, sample_teacher_law(mix, x_top, a, s, labels, 1.0))
+    assert abs((std1 / mix.stds).mean().item() - 1) < 0.04  # w = 1 from the same start: the true stds (0.99x)
 
 
 # -- loading mixtures -----------------------------------------------------------------------------
@@ -173,12 +250,15 @@ def test_mode_stats_exact_samples():
     mix = _four_modes()
     g = torch.Generator().manual_seed(6)
     labels = mix.sample_labels(4000, generator=g)
-    x, _ = mix.sample(4000, generator=g, labels=labels)
+    x, comp = mix.sample(4000, generator=g, labels=labels)
     st = mode_stats(mix, x, labels)
     assert st["mode_coverage"] == 1.0 and st["off_mode"] < 0.01 and st["class_accuracy"] > 0.99
     assert mode_stats(mix, x, 1 - labels)["class_accuracy"] < 0.01
     st = mode_stats(mix, x)  # unconditional
     assert st["mode_coverage"] == 1.0 and "class_accuracy" not in st
+    assert st["mode_std_ratio"] == pytest.approx(1.0, abs=0.03)  # 4000 samples: about 1% standard error
+    narrowed = mix.means[comp] + 0.5 * (x.double() - mix.means[comp])
+    assert mode_stats(mix, narrowed)["mode_std_ratio"] == pytest.approx(0.5, abs=0.02)
 
 
 def test_mode_stats_collapsed_and_off_mode():
@@ -194,3 +274,4 @@ def test_mode_stats_collapsed_and_off_mode():
     assert mode_stats(mix, few, min_share=0.01)["mode_coverage"] == 1.0
     far = torch.zeros(1000, 2) + 0.1 * torch.randn(1000, 2, generator=g)  # the origin sits between the modes
     assert mode_stats(mix, far)["off_mode"] == 1.0
+    assert math.isnan(mode_stats(mix, far)["mode_std_ratio"])  # no sample on any mode: undefined (null in JSON)

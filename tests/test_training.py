@@ -89,6 +89,9 @@ def test_conditional_teacher_with_cfg(tmp_path, one_thread):
     assert "class_accuracy" in m["student"]["K=4"]
     assert m["reference"]["class_accuracy"] >= 0.99  # measured 1.0; shuffled labels would give about 1/3
     assert m["teacher"]["ddim"]["steps=2"]["nfe"] == 4  # both CFG passes counted
+    # measured against the true law and against the guided teacher's own law (a second draw of it: the floor)
+    assert m["teacher_law"]["nfe"] == 400 and m["teacher_law"]["class_accuracy"] == 1.0
+    assert {"energy_distance_vs_teacher", "sliced_w1_vs_teacher"} <= set(m["student"]["K=4"]) & set(m["reference"])
     assert evaluate(tmp_path / "c", n=300, steps=())["teacher"]["ddim"] == {}  # students only (benchmarks/toy.py)
 
 
