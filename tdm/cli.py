@@ -151,7 +151,12 @@ def _print_metrics(m: dict) -> None:
     rows += [(f"student {k}", v["nfe"], v) for k, v in m["student"].items()]
     rows += [(f"teacher {s} {k}", v["nfe"], v) for s, d in m["teacher"].items() for k, v in d.items()]
     for name, nfe, v in rows:
-        print(f"{name:24}{nfe!s:>5}" + "".join(f"{v.get(k, float('nan')):>{width[k]}.4f}" for k in keys))
+        print(f"{name:24}{nfe!s:>5}" + "".join(f"{_cell(v.get(k)):>{width[k]}}" for k in keys))
+
+
+def _cell(v) -> str:
+    """A metric for the table: 4 decimals; '-' where it is undefined on these samples (null in metrics.json)."""
+    return "-" if v is None else f"{v:.4f}"
 
 
 def _sample(args) -> int:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..core.schedules import Schedule
 
 Update = Callable[[str, torch.Tensor], None]  # trainer callback: backward + optimiser step of a role
-NOT_METHODS = {"base", "losses"}              # modules of the package that are no method
+NOT_METHODS = {"base", "losses", "rows"}      # modules of the package that are no method
 
 
 @dataclass(frozen=True)

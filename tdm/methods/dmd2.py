@@ -21,6 +21,7 @@ from ..core.samplers import ddim_step
 from ..core.schedules import Schedule
 from .base import Method, Role, Update
 from .losses import fake_score_loss, min_snr_weight, normaliser
+from .rows import index_of, put, take
 
 
 def distribution_matching_loss(x0_hat: torch.Tensor, x0_real: torch.Tensor,
@@ -95,17 +96,17 @@ class DMD2(Method):
         for k in range(K, 0, -1):
             if k_x is not None:
                 at_x = (k_x == k).nonzero().squeeze(1)
-                _put(x_k, at_x, _take(x, at_x))
+                put(x_k, at_x, take(x, at_x))
             if k < int(need.min()):
                 break
             rows = torch.arange(B) if self.fixed_shapes else (need <= k).nonzero().squeeze(1)
-            x0_hat, eps_hat = self.student(_take(x, rows), grid[K - k], take_cond(cond, _index(rows, B, device)),
+            x0_hat, eps_hat = self.student(take(x, rows), grid[K - k], take_cond(cond, index_of(rows, B, device)),
                                            **extra)
             at_k = (k_x0[rows] == k).nonzero().squeeze(1)
-            _put(x0_k, rows[at_k], _take(x0_hat, at_k))
+            put(x0_k, rows[at_k], take(x0_hat, at_k))
             if k > 1:
-                noise = _take(rng.randn(x.shape, x.dtype), rows) if self.stochastic else eps_hat
-                _put(x, rows, ddim_step(self.schedule, x0_hat, noise, grid[K - k + 1]))
+                noise = take(rng.randn(x.shape, x.dtype), rows) if self.stochastic else eps_hat
+                put(x, rows, ddim_step(self.schedule, x0_hat, noise, grid[K - k + 1]))
         return x0_k, x_k
 
     def step(self, x_T: torch.Tensor, cond: Cond, uncond: Cond, update: Update,
@@ -158,24 +159,6 @@ class DMD2(Method):
             "forwards": sum(c for c, _ in counts),                 # network calls (CFG batched = 1)
             "forwards_batch_equiv": sum(r for _, r in counts) / B,  # samples processed / batch size
         }
-
-
-# Row gathers with host-computed indices (no boolean masks, which wait on the device); a full batch is passed
-# through untouched. The same helpers as tdm.py's, kept here so that each method file stands alone.
-def _index(rows: torch.Tensor, B: int, device: torch.device) -> torch.Tensor | slice:
-    return slice(None) if len(rows) == B else rows.to(device)
-
-
-def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return x if len(rows) == x.shape[0] else x.index_select(0, rows.to(x.device))
-
-
-def _put(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-    """`x[rows] = values` for host index `rows`."""
-    if len(rows) == x.shape[0]:
-        x.copy_(values)
-    elif len(rows):
-        x.index_copy_(0, rows.to(x.device), values)
 
 
 METHOD = DMD2

@@ -11,6 +11,7 @@ from ..core.samplers import ddim_step
 from ..core.schedules import Schedule
 from .base import Method, Role, Update
 from .losses import fake_score_loss, generator_loss, importance_weight, min_snr_weight
+from .rows import index_of, put, take
 
 
 class TDM(Method):
@@ -111,18 +112,18 @@ class TDM(Method):
         x0_F_target, eps_F_target = torch.empty_like(x_T), torch.empty_like(x_T)
         with torch.no_grad():
             for k in range(K, 0, -1):
-                _put(x_G, k_G == k, x)
+                put(x_G, k_G == k, x)
                 if k < int(need.min()):
                     break
                 rows = torch.arange(B) if self.fixed_shapes else (need <= k).nonzero().squeeze(1)
-                x0_hat, eps_hat = self.student(_take(x, rows), grid[K - k], take_cond(cond, _index(rows, B, device)),
+                x0_hat, eps_hat = self.student(take(x, rows), grid[K - k], take_cond(cond, index_of(rows, B, device)),
                                                **extra)
                 at_k = (k_F[rows] == k).nonzero().squeeze(1)
-                _put(x0_F_target, rows[at_k], _take(x0_hat, at_k))
-                _put(eps_F_target, rows[at_k], _take(eps_hat, at_k))
+                put(x0_F_target, rows[at_k], take(x0_hat, at_k))
+                put(eps_F_target, rows[at_k], take(eps_hat, at_k))
                 if k > 1:
-                    noise = eps_hat if z is None else _take(z[:, K - k], rows)
-                    _put(x, rows, ddim_step(self.schedule, x0_hat, noise, grid[K - k + 1]))
+                    noise = eps_hat if z is None else take(z[:, K - k], rows)
+                    put(x, rows, ddim_step(self.schedule, x0_hat, noise, grid[K - k + 1]))
 
         # 2-4. Fake-score update on the rollout's own prediction at step k_F.
         t_m, tau = self.sample_t_m_tau(grid, k_F, rng)
@@ -160,27 +161,6 @@ class TDM(Method):
             "forwards": sum(c for c, _ in counts),             # network calls (CFG batched = 1)
             "forwards_batch_equiv": sum(r for _, r in counts) / B,  # samples processed / batch size
         }
-
-
-# Row gathers with host-computed indices (no boolean masks, which wait on the device); a full batch is
-# passed through untouched.
-def _index(rows: torch.Tensor, B: int, device: torch.device) -> torch.Tensor | slice:
-    return slice(None) if len(rows) == B else rows.to(device)
-
-
-def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return x if len(rows) == x.shape[0] else x.index_select(0, rows.to(x.device))
-
-
-def _put(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-    """`x[rows] = values`, with `rows` a host index tensor or a boolean host mask."""
-    if rows.dtype == torch.bool:
-        rows = rows.nonzero().squeeze(1)
-        values = _take(values, rows)
-    if len(rows) == x.shape[0]:
-        x.copy_(values)
-    elif len(rows):
-        x.index_copy_(0, rows.to(x.device), values)
 
 
 METHOD = TDM
