@@ -112,8 +112,10 @@ class DigitsFamily(Family):
     def figures(self, run_dir: Path, samples: dict, labels: torch.Tensor, metrics: dict) -> None:
         """`grid.png` (teacher at its most steps with CFG beside the student at each K), `quality.png`, `report.md`."""
         run_dir = Path(run_dir)
-        n_steps = max(samples["teacher"])
-        rows = {f"teacher {n_steps} steps, CFG {self.cfg.teacher.guidance:g}": samples["teacher"][n_steps]}
+        rows = {}
+        if samples["teacher"]:  # an evaluation of the student alone has none
+            n_steps = max(samples["teacher"])
+            rows[f"teacher {n_steps} steps, CFG {self.cfg.teacher.guidance:g}"] = samples["teacher"][n_steps]
         rows.update({f"student {K} step{'s' * (K > 1)}": x for K, x in samples["student"].items()})
         image_grid(rows, labels, run_dir / "grid.png")
         quality_plot(metrics, run_dir / "quality.png")

@@ -117,9 +117,10 @@ class DigitsSDFamily(SD15Family):
     def figures(self, run_dir: Path, samples: dict, cond: dict, metrics: dict) -> None:
         """`grid.png` (teacher at its most steps with CFG beside the student at each K), `quality.png`, `report.md`."""
         run_dir = Path(run_dir)
-        n_steps = max(samples["teacher"])
-        columns = 20
-        rows = {f"teacher {n_steps} steps, CFG {self.cfg.teacher.guidance:g}": samples["teacher"][n_steps][:columns]}
+        columns, rows = 20, {}
+        if samples["teacher"]:  # an evaluation of the student alone has none
+            n_steps = max(samples["teacher"])
+            rows[f"teacher {n_steps} steps, CFG {self.cfg.teacher.guidance:g}"] = samples["teacher"][n_steps][:columns]
         rows.update({f"student {K} step{'s' * (K > 1)}": x[:columns] for K, x in samples["student"].items()})
         image_grid({name: self.digits(x) for name, x in rows.items()}, cond["labels"].cpu(), run_dir / "grid.png")
         quality_plot(metrics, run_dir / "quality.png")

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ..run import write_text  # noqa: E402
 from .digits import to_pixels  # noqa: E402
 
 
@@ -59,8 +60,6 @@ def write_report(metrics: dict, path: str | Path, K: int) -> Path:
     """`report.md`: the student at K next to the teacher, in numbers."""
     s = metrics["student"][f"K={K}"]
     ddim = metrics["teacher"]["ddim"]
-    best_steps = max(ddim, key=lambda k: ddim[k]["nfe"])
-    t_best = ddim[best_steps]
     ref = metrics["reference"]
     lines = [
         f"# TDM on the digits teacher: {K}-step student",
@@ -81,6 +80,10 @@ def write_report(metrics: dict, path: str | Path, K: int) -> Path:
     for key, e in metrics["student"].items():
         lines.append(f"| student {key}{'' if e['trained'] else ' (not trained at this K)'} | {e['nfe']} | "
                      f"{e['fd']:.3f} | {e['accuracy']:.3f} | {e['precision']:.3f} | {e['recall']:.3f} |")
+    if not ddim:  # an evaluation of the student alone
+        return _write(path, lines)
+    best_steps = max(ddim, key=lambda k: ddim[k]["nfe"])
+    t_best = ddim[best_steps]
     fd_ratio = s["fd"] / t_best["fd"]
     lines += [
         "",
@@ -92,6 +95,8 @@ def write_report(metrics: dict, path: str | Path, K: int) -> Path:
     if f"steps={K}" in ddim:
         t_k = ddim[f"steps={K}"]
         lines.append(f"The teacher's own {K}-step DDIM: FD {t_k['fd']:.3f}, accuracy {t_k['accuracy']:.3f}.")
-    path = Path(path)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _write(path, lines)
+
+
+def _write(path: str | Path, lines: list[str]) -> Path:
+    return write_text(path, "\n".join(lines) + "\n")
