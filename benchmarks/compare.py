@@ -32,10 +32,10 @@ from tdm.trainer import Trainer
 # law (what a student of that teacher can reach), not the unguided true law; both are in the JSON.
 METRIC = {"toy-gmm": "energy_distance", "toy-gmm-cond": "energy_distance_vs_teacher", "digits": "fd"}
 # Each method's own settings (the preset's learning rates serve every method: at 1e-4 / 1e-3 they were within seed
-# noise of the best of each baseline's sweep on toy-gmm, README "Methods"): consistency samples the LCM way.
-METHOD_OVERRIDES: dict[str, list[str]] = {"consistency": ["student.stochastic=true"]}
-# Rows beyond the methods' defaults, at K=4: DMD2's update ratio 1 beside its default 5.
-EXTRA = {"dmd2 fake_updates=1": ["method=dmd2", "dmd2.fake_updates=1"]}
+# noise of the best of each baseline's sweep on toy-gmm, README "Methods"): consistency samples the LCM way; DMD2
+# updates its fake score once per student update (its paper's 5 cost 3.5x the forwards for no consistent gain in
+# that sweep, so 1 is DMD2's best use of a budget here).
+METHOD_OVERRIDES: dict[str, list[str]] = {"consistency": ["student.stochastic=true"], "dmd2": ["dmd2.fake_updates=1"]}
 # The paper's ablations (Tables 5-7) as TDM rows at K=4, each against the preset's own setting.
 ABLATIONS = {
     "no importance weight": ["tdm.importance_weight=none"],
@@ -125,9 +125,10 @@ def _mean_curve(curves: list[list[dict]], key: str) -> list[dict]:
 
 def compare(preset: str, methods: list[str], Ks: list[int], seeds: list[int], iterations: int, points: int,
             ablations: bool, teacher_steps: tuple[int, ...], work: Path, common: list[str] = (),
-            own_iterations: dict[str, int] | None = None) -> dict:
+            own_iterations: dict[str, int] | None = None, save=None) -> dict:
     """`common`: overrides of every run (the quick mode's short fit and small evaluation); `own_iterations`: a
-    method's budget where it is not `iterations` (the quick mode only: equal budgets otherwise)."""
+    method's budget where it is not `iterations` (the quick mode only: equal budgets otherwise); `save(out)` is
+    called after every job (a long comparison stopped midway keeps what it measured)."""
     metric = METRIC[preset]
     pretrained = None
     if resolve(preset).teacher.family == "toy":  # the toy teacher's fit (the students' start) once for every run
@@ -138,7 +139,6 @@ def compare(preset: str, methods: list[str], Ks: list[int], seeds: list[int], it
     jobs = [(f"{m} K={K}", [*common, f"method={m}", f"student.steps={K}", *METHOD_OVERRIDES.get(m, [])])
             for m in methods for K in Ks]
     if ablations:
-        jobs += [(f"{name} K=4", [*common, "student.steps=4", *ov]) for name, ov in EXTRA.items()]
         jobs += [(f"tdm K=4, {name}", [*common, "student.steps=4", *ov]) for name, ov in ABLATIONS.items()]
     for label, ov in jobs:
         runs = []
@@ -152,6 +152,8 @@ def compare(preset: str, methods: list[str], Ks: list[int], seeds: list[int], it
                               "final": {k: _stats([r["curve"][-1][k] for r in runs]) for k in keys},
                               "start": {k: _stats([r["curve"][0][k] for r in runs]) for k in keys},
                               "wall_s": _stats([r["curve"][-1]["wall_s"] for r in runs])}
+        if save is not None:
+            save(out)
     return out
 
 
@@ -242,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="CI: toy-gmm, 1 seed, K=4, 80 iterations (consistency 600), a short fit")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--figures", default="docs")
+    p.add_argument("--tag", default="", help="suffix of the output names (several processes, one teacher)")
+    p.add_argument("--only-ablations", action="store_true", help="the TDM ablation rows alone")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # tiny networks: one thread is fastest and makes runs repeatable
     methods = args.methods.split(",")
@@ -250,24 +254,28 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for preset in args.teachers.split(",") if not args.quick else ["toy-gmm"]:
             toy = resolve(preset).teacher.family == "toy"
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            name = f"compare-{preset}{'-quick' * args.quick}{args.tag and '-' + args.tag}"
+
+            def save(res: dict) -> None:
+                (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+
             if args.quick:
                 # consistency first gets worse (its targets are its own inconsistent predictions), then better
                 res = compare(preset, methods, [4], [0], 80, 2, False, (4,), work,
                               ["net.pretrain_steps=400", "train.eval_samples=1000"], {"consistency": 600})
             else:
-                res = compare(preset, methods, [int(k) for k in args.steps.split(",")],
+                res = compare(preset, [] if args.only_ablations else methods, [int(k) for k in args.steps.split(",")],
                               list(range(args.seeds if toy else 1)), resolve(preset).train.iterations, args.points,
-                              toy and not args.no_ablations, (4, 8, 16, 25, 50), work)
+                              toy and not args.no_ablations, (4, 8, 16, 25, 50), work, save=save)
             results[preset] = res
             table = report(res, methods)
             print(table, flush=True)
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            name = f"compare-{preset}{'-quick' * args.quick}"
-            (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+            save(res)
             (out / f"{name}.md").write_text(table + "\n")
-            if not args.quick:
-                figure(res, Path(args.figures) / f"compare_{preset}.png")
+            if not args.quick and not args.only_ablations:
+                figure(res, Path(args.figures) / f"compare_{preset}{args.tag and '_' + args.tag}.png")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
