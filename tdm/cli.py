@@ -151,7 +151,9 @@ def _print_metrics(m: dict) -> None:
     rows += [(f"student {k}", v["nfe"], v) for k, v in m["student"].items()]
     rows += [(f"teacher {s} {k}", v["nfe"], v) for s, d in m["teacher"].items() for k, v in d.items()]
     for name, nfe, v in rows:
-        print(f"{name:24}{nfe!s:>5}" + "".join(f"{v.get(k, float('nan')):>{width[k]}.4f}" for k in keys))
+        values = [v.get(k) for k in keys]  # None: a metric undefined on these samples (null in metrics.json)
+        print(f"{name:24}{nfe!s:>5}" + "".join(f"{float('nan') if x is None else x:>{width[k]}.4f}"
+                                               for k, x in zip(keys, values)))
 
 
 def _sample(args) -> int:
