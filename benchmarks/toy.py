@@ -44,8 +44,11 @@ def train_and_eval(preset: str, overrides: list[str], pretrained: Path, work: Pa
     return m
 
 
-def _cell(values: list[float]) -> str:
-    """One value, or the mean over seeds with the lowest and highest in brackets."""
+def _cell(values: list[float | None]) -> str:
+    """One value, or the mean over seeds with the lowest and highest in brackets; '-' where undefined (null:
+    e.g. the std of modes that no sample reached)."""
+    if any(v is None for v in values):
+        return "-" if len(values) == 1 else "-" + f" ({sum(v is None for v in values)} of {len(values)} seeds)"
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{sum(values) / len(values):.4f} ({min(values):.4f}-{max(values):.4f})"
@@ -123,11 +126,11 @@ def main() -> None:
             results["runs"][name][f"seed={seed}"] = train_and_eval(
                 args.preset, ov + [f"train.seed={seed}"], pretrained, work, steps if seed == seeds[0] else ())
             print(f"done: {name}, seed {seed}", flush=True)
-    table = render(results)
-    print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.preset}.json").write_text(json.dumps(results, indent=2))
+    table = render(results)
+    print(table)
     (out / f"{args.preset}.md").write_text(table + "\n")
     shutil.rmtree(work)
 
