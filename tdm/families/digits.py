@@ -10,9 +10,7 @@ import torch
 
 from ..config import Config
 from ..core.denoiser import Denoiser
-from ..images.classifier import load_classifier
-from ..images.digits import load_digits_split
-from ..images.metrics import DigitEvaluator
+from ..images.metrics import DigitEvaluator, digit_evaluator
 from ..images.report import image_grid, quality_plot, write_report
 from ..images.teacher import NUM_CLASSES, LabelUNet, load_teacher
 from ..run import read_json
@@ -61,13 +59,10 @@ class DigitsFamily(Family):
         self.teacher_net.requires_grad_(False).eval().to(self.device)
         self.frozen_teacher = copy.deepcopy(self.teacher_net).to(dtype)  # students start from the fp32 weights
         self.teacher = Denoiser(self.frozen_teacher, self.schedule, "epsilon")
-        self._evaluator = None
 
     @property
     def evaluator(self) -> DigitEvaluator:
-        if self._evaluator is None:  # the classifier and the real digits are needed for evaluation only
-            self._evaluator = DigitEvaluator(load_classifier(), load_digits_split())
-        return self._evaluator
+        return digit_evaluator()  # the classifier and the real digits: loaded on the first evaluation
 
     def sample_shape(self, n: int) -> tuple[int, ...]:
         return (n, 1, 8, 8)
@@ -135,7 +130,7 @@ def teacher_check(path: str | Path, n_steps: int = 25, w: float = 2.0, seed: int
 
     net, schedule, _ = load_teacher(path)
     teacher = Denoiser(net.eval(), schedule, "epsilon")
-    evaluator = DigitEvaluator(load_classifier(), load_digits_split())
+    evaluator = digit_evaluator()
     labels = evaluator.split.test_y
     x_T = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
     x = sample_ddim(teacher, x_T, teacher_grid(n_steps, schedule), labels, torch.full_like(labels, NUM_CLASSES), w)

@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..images.classifier import load_classifier
-from ..images.digits import load_digits_split
-from ..images.metrics import DigitEvaluator
+from ..images.metrics import DigitEvaluator, digit_evaluator
 from ..images.report import image_grid, quality_plot, write_report
 from ..images.sd_teacher import MAX_TOKENS, prompt_label, to_digit
 from ..prompts import read_prompts
@@ -61,13 +59,10 @@ class DigitsSDFamily(SD15Family):
                  dtype: torch.dtype = torch.float32):
         super().__init__(self._resolved(cfg), device, run_dir, dtype)
         self.labels = torch.tensor([prompt_label(p) for p in self.prompts] + [NULL_LABEL], device=self.device)
-        self._evaluator = None
 
     @property
     def evaluator(self) -> DigitEvaluator:
-        if self._evaluator is None:  # the classifier and the real digits are needed for evaluation only
-            self._evaluator = DigitEvaluator(load_classifier(), load_digits_split())
-        return self._evaluator
+        return digit_evaluator()  # the classifier and the real digits: loaded on the first evaluation
 
     @staticmethod
     def probe_cond(net_config, n: int) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ Inception-v3's 2048-d pool features, so its values are not comparable with publi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .classifier import DigitClassifier
@@ -96,3 +98,12 @@ class DigitEvaluator:
             idx.append(members[torch.randperm(len(members), generator=generator)[:n_c]])
         idx = torch.cat(idx)
         return self.evaluate(self.split.train_x[idx], train_y[idx])
+
+
+@functools.cache
+def digit_evaluator() -> DigitEvaluator:
+    """The committed classifier on the committed split, built once per process on first use (evaluation only)."""
+    from .classifier import load_classifier
+    from .digits import load_digits_split
+
+    return DigitEvaluator(load_classifier(), load_digits_split())
