@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from tdm.config import resolve
-from tdm.evaluate import evaluate
+from tdm.eval.evaluate import evaluate
 from tdm.methods.base import method_names
 from tdm.trainer import Trainer
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from tdm.cli import main as tdm  # first: sets HF_HUB_OFFLINE, nothing is downloaded
-from tdm.evaluate import load_run, student_sample
+from tdm.eval.digits import DigitsSDEvaluator
 from tdm.export.pipeline import export_run, load_pipeline
-from tdm.images.sd_teacher import to_digit
+from tdm.families.digits.sd_teacher import to_digit
+from tdm.run import load_run
 
 VARIANTS = {
     "lora": [],
@@ -48,16 +49,17 @@ def stock_pipeline(run_dir: Path, K: int, seed: int = 0) -> dict:
     evaluation's prompts (as text) and start noise; its metrics and its distance to the library's images."""
     run = load_run(run_dir)
     fam, n = run.family, run.cfg.train.eval_samples
+    judge = DigitsSDEvaluator(fam)
     g = torch.Generator().manual_seed(seed)                      # the draws of `tdm eval`
     x_T = torch.randn(fam.sample_shape(n), generator=g)
-    idx = fam.eval_prompts(n, g)
+    idx = fam.prompts_for(judge.held_out(n), g)
     cond = fam._cond(idx)
-    ours = fam.decode(student_sample(run, K, x_T, cond))
+    ours = fam.decode(run.sample(K, x_T, cond))
     pipe, kwargs = load_pipeline(fam.path, lora=export_run(run_dir, "diffusers"))
     pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
     stock = pipe([fam.prompts[i] for i in idx], latents=x_T.clone(), output_type="pt", **kwargs).images
-    return {**fam.evaluator.evaluate(to_digit(stock * 2 - 1), cond["labels"]), "nfe": K,
+    return {**judge.metrics.evaluate(to_digit(stock * 2 - 1), cond["labels"]), "nfe": K,
             "max_abs_diff_vs_library": (stock - ours).abs().max().item(), "wall_s": round(time.perf_counter() - t0, 1)}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tdm.config import resolve
-from tdm.evaluate import evaluate
+from tdm.eval.evaluate import evaluate
 from tdm.trainer import Trainer
 
 KEYS = ("energy_distance", "sliced_w1", "mode_coverage", "off_mode")

@@ -36,8 +36,8 @@ from networks import NETWORKS, write_pipeline  # noqa: E402
 
 from tdm.config import PRESETS, resolve  # noqa: E402
 from tdm.core.samplers import sample_student  # noqa: E402
-from tdm.evaluate import load_run  # noqa: E402
 from tdm.export.pipeline import export_run, load_pipeline  # noqa: E402
+from tdm.run import load_run  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
 
 PROMPTS = ["a photo of a cat sitting on a red chair", "An astronaut riding a horse on the moon, 4k",

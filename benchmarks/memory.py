@@ -65,7 +65,7 @@ def measure(args: list[str], run_dir: Path) -> dict:
     from diffusers import UNet2DConditionModel  # noqa: F401
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    import tdm.families.sd15  # noqa: F401
+    import tdm.families.diffusers.sd15  # noqa: F401
     from tdm.config import resolve
     from tdm.trainer import Trainer
 

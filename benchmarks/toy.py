@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tdm.config import resolve
-from tdm.evaluate import evaluate
+from tdm.eval.evaluate import evaluate
 from tdm.trainer import Trainer
 
 DEMO_FORWARDS = 11  # the authors' demo iteration (TDM-METHOD §4)

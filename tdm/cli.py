@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import run
 from .errors import Interrupted, RunError
+from .files import atomic_write, write_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -20,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def _distill(args) -> int:
     from .config import dump, resolve
-    from .families import _DIFFUSERS, check_inputs
+    from .families import DIFFUSERS, check_inputs
 
     for flag, key in (("teacher", "teacher.path"), ("prompts", "data.prompts")):
         if getattr(args, flag) is not None and any(o.split("=", 1)[0].strip() == key for o in args.overrides):
@@ -51,13 +52,13 @@ def _distill(args) -> int:
     try:
         trainer.train()
         if main and evaluate_after:
-            from .evaluate import evaluate
+            from .eval.evaluate import evaluate
 
             _print_metrics(evaluate(run_dir))
     finally:
         if main:
             run.release(run_dir)
-    if cfg.teacher.family in _DIFFUSERS:
+    if cfg.teacher.family in DIFFUSERS:
         print(f"next: tdm export {run_dir} --format diffusers")
     print(f"run directory: {run_dir}")
     return 0
@@ -77,7 +78,7 @@ def _finished(cfg, run_dir: Path, evaluate_after: bool) -> bool:
     if not PartialState().is_main_process:
         return True
     if evaluate_after and not (run_dir / "metrics.json").exists():
-        from .evaluate import evaluate
+        from .eval.evaluate import evaluate
 
         print(f"{run_dir} is trained ({done} iterations); evaluating it (metrics.json is missing)")
         with run.lock(run_dir):
@@ -92,20 +93,20 @@ def _print_estimate(cfg, gpu: int | None = None) -> None:
     """Forwards per iteration and, for diffusers teachers, memory by phase (configs only) and, given the
     GPU's size, whether it fits and which switches would make it fit."""
     from .estimate import USABLE, GiB, advise, memory_estimate
-    from .families import _DIFFUSERS, family_class
+    from .families import DIFFUSERS, family_class
     from .methods.base import method_class
 
     f = method_class(cfg.method).forwards(cfg)
     print(f"# forwards per iteration ({cfg.method}): at most {f['network_calls']} network calls "
           f"({f['batch_equivalents']} batch equivalents with CFG)" + (f" vs the demo's {f['demo']}" if "demo" in f
                                                                        else ""))
-    if cfg.teacher.family not in _DIFFUSERS:
+    if cfg.teacher.family not in DIFFUSERS:
         return
     if not cfg.teacher.path:
         print("# memory: give --teacher PATH for an estimate")
         return
     if cfg.teacher.family == "digits-sd":  # a named, committed teacher folder
-        from .families.digits_sd import teacher_dir
+        from .families.digits.sd import teacher_dir
 
         cfg.teacher.path = str(teacher_dir(cfg.teacher.path))
     family = family_class(cfg.teacher.family)
@@ -180,24 +181,24 @@ def _sample(args) -> int:
         raise ValueError(f"--out {args.out}: give a .npy path (the picture is written beside it as .png)")
     import torch
 
-    from .evaluate import draw, load_run, student_sample, teacher_sample
+    from .eval.evaluate import teacher_sample
 
     labels = _labels(args.labels)
-    r = load_run(args.run_dir)
+    r = run.load_run(args.run_dir)
     n = 1000 if args.n is None else args.n
     g = torch.Generator().manual_seed(args.seed)
     labels = labels.repeat_interleave(n) if labels is not None else None
     n = len(labels) if labels is not None else n
-    x_T, cond, uncond = draw(r, n, g, labels)
+    x_T, cond, uncond = r.draw(n, g, labels)
     if args.sampler:
         nfe = 50 if args.nfe is None else args.nfe
         x, name = _sample_with(f"--nfe {nfe}", teacher_sample, r, args.sampler, nfe, x_T, cond, uncond), \
             f"teacher_{args.sampler}_{nfe}"
     else:
         K = max(r.Ks) if args.steps is None else args.steps
-        x, name = _sample_with(f"--steps {K}", student_sample, r, K, x_T, cond), f"student_K{K}"
+        x, name = _sample_with(f"--steps {K}", r.sample, K, x_T, cond), f"student_K{K}"
     out = Path(args.out or Path(args.run_dir) / f"samples_{name}.npy")
-    run.atomic_write(out, lambda p: _write_npy(p, x.float().numpy()))
+    atomic_write(out, lambda p: _write_npy(p, x.float().numpy()))
     r.family.save_samples(x, cond, out.with_suffix(".png"))
     print(f"wrote {n} samples to {out} and {out.with_suffix('.png')}")
     return 0
@@ -254,15 +255,15 @@ def _sample_pipeline(args) -> int:
         raise ValueError(f"--out {out}: give an image file name, e.g. sample.png or sample.jpg")
     pipe, kwargs = load_pipeline(args.teacher, lora=args.lora, inference=args.inference)
     image = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **kwargs).images[0]
-    run.atomic_write(out, lambda p: image.save(p, format=kind))
+    atomic_write(out, lambda p: image.save(p, format=kind))
     print(f"wrote {out}")
     return 0
 
 
 def _eval(args) -> int:
-    from .evaluate import evaluate, run_config
+    from .eval.evaluate import evaluate
 
-    run_config(args.run_dir)  # a finished run, before its folder is locked
+    run.run_config(args.run_dir)  # a finished run, before its folder is locked
     with run.lock(Path(args.run_dir)):  # not while a run trains in it: its own evaluation writes the same files
         _print_metrics(evaluate(args.run_dir, n=args.n, seed=args.seed))
     print(f"wrote {Path(args.run_dir) / 'metrics.json'}")
@@ -274,9 +275,10 @@ def _teacher_train(args) -> int:
 
     if args.preset == "digits-sd":
         return _teacher_train_sd(args)
-    from .families.digits import teacher_check, teacher_dir
-    from .images.digits import load_digits_split
-    from .images.teacher import RECIPE, train_teacher
+    from .eval.digits import teacher_check
+    from .families.digits.data import load_digits_split
+    from .families.digits.family import teacher_dir
+    from .families.digits.teacher import RECIPE, train_teacher
 
     if args.preset != "digits":
         raise ValueError(f"`tdm teacher train` knows the presets 'digits' and 'digits-sd' only, got {args.preset!r}")
@@ -284,7 +286,7 @@ def _teacher_train(args) -> int:
     out = run.prepare(args.output) if args.output else teacher_dir("digits")
     log = train_teacher(load_digits_split(), out, steps=RECIPE["steps"] if args.steps is None else args.steps)
     log["check"] = teacher_check(out)
-    run.write_json(out / "teacher.json", log)
+    write_json(out / "teacher.json", log)
     print(f"denoising loss {log['loss_first']:.4f} -> {log['loss_last']:.4f}; DDIM 25 steps, CFG 2: "
           f"FD {log['check']['fd']:.2f}, accuracy {log['check']['accuracy']:.3f}; teacher written to {out}")
     return 0
@@ -294,16 +296,17 @@ def _teacher_train_sd(args) -> int:
     """The digits-sd pipeline: VAE, frozen random text encoder, UNet on the latents, then a DDIM check."""
     import torch
 
-    from .families.digits_sd import teacher_check, teacher_dir
-    from .images.digits import load_digits_split
-    from .images.sd_teacher import train_sd_teacher
+    from .eval.digits import sd_teacher_check as teacher_check
+    from .families.digits.data import load_digits_split
+    from .families.digits.sd import teacher_dir
+    from .families.digits.sd_teacher import train_sd_teacher
 
     torch.set_num_threads(1)  # small models: on a shared 2-core machine one thread is fastest and repeatable
     out = run.prepare(args.output) if args.output else teacher_dir("digits-sd")
     steps = {"vae_steps": args.steps, "steps": args.steps} if args.steps is not None else {}
     log = train_sd_teacher(load_digits_split(), out, **steps)
     log["check"] = check = teacher_check(out)
-    run.write_json(out / "teacher.json", log)
+    write_json(out / "teacher.json", log)
     print(f"VAE L1 {log['vae']['recon_l1']:.4f}; UNet loss {log['unet']['loss_first']:.4f} -> "
           f"{log['unet']['loss_last']:.4f}; DDIM {check['steps']} steps, CFG {check['guidance']:g}: "
           f"FD {check['fd']:.2f}, accuracy {check['accuracy']:.3f}; pipeline written to {out}")

@@ -107,6 +107,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0                 # generator grad-norm clip; 0 = no clipping
     warmup: int = 0                        # linear LR warm-up iterations for both roles
+    decay: str = "constant"                # after warm-up: 'constant' or 'cosine' (to 0 at train.iterations)
     ema: float = 0.0                       # EMA decay of the student; 0 = off
     adam_8bit: bool = False                # bitsandbytes' 8-bit AdamW (must be installed)
 
@@ -317,6 +318,7 @@ CHOICES = {
     "consistency.source": ("student", "teacher"),
     "consistency.target": ("student", "ema"),
     "consistency.loss": ("huber", "l2"),
+    "optim.decay": ("constant", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
 # (lowest, highest) allowed; None: unbounded; an open bound is written as a predicate. Every number is also finite.

@@ -98,7 +98,7 @@ def _template(family_cls, path: str):
 
 @functools.cache
 def _prompt_count(prompts: str, max_chars: int) -> int:
-    from .prompts import read_prompts
+    from .families.diffusers.prompts import read_prompts
 
     return len(read_prompts(prompts, max_chars)) if prompts else 0
 

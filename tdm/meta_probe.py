@@ -173,7 +173,7 @@ def probe_nets(family_cls, path: str, precision: str, lora: tuple | None) -> tup
 def _setup(family_cls, path, resolution, frames, lora, precision):
     """The family, the fake's and the teacher's roles on the probe networks, the networks, their trainable
     parameters, and the two modes, live bytes counted from what exists now."""
-    from .families.diffusers_base import LoRARoles, RoleNet
+    from .families.diffusers.lora import LoRARoles, RoleNet
 
     base, trainable = probe_nets(family_cls, path, precision, lora)
     fam = bare_family(family_cls, path, resolution, frames)

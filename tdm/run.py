@@ -1,5 +1,5 @@
-"""A run folder: one run per folder (a lock), its config, atomic writes, checkpoints with manifests, the resume rule,
-and SIGINT / SIGTERM turned into a stop at the next iteration boundary.
+"""A run folder: one run per folder (a lock), its config, checkpoints with manifests, the resume rule, SIGINT /
+SIGTERM turned into a stop at the next iteration boundary, and a finished run loaded (`load_run`).
 
 Every file a run writes appears whole or not at all: it is written under a temporary name, flushed to the disk and
 renamed (a rename within a folder is atomic). A checkpoint is a folder written the same way and is complete when its
@@ -18,12 +18,20 @@ import signal
 import socket
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import yaml
 
 from .errors import RunError
+from .files import fsync_dir, write_json, write_text
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import Config
+    from .core.denoiser import Denoiser
 
 CONFIG, LOCK, LOG, MANIFEST = "config.yaml", "tdm.lock", "train_log.jsonl", "manifest.json"
 STUDENT = "student.safetensors"
@@ -32,57 +40,6 @@ RESUMABLE = ("train.iterations", "train.progress", "train.max_nonfinite_skips", 
              "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
 # Caches of a start that never trained: cleared when the folder is started afresh with another config.
 DERIVED = ("pretrained.safetensors", LOG)
-
-
-# -- atomic writes ------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)`, flush it to the disk, rename it to `path`: readers see the old file or the new one, never a
-    torn one. A failed write (a full disk) leaves no partial file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def write_json(path: str | Path, obj) -> Path:
-    """Strict JSON (no NaN or Infinity, which JSON does not have), written atomically."""
-    return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
-
-
-def read_json(path: str | Path):
-    """A JSON file; an error names the file (and the line)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
 
 
 # -- the lock -----------------------------------------------------------------------------
@@ -215,7 +172,7 @@ class Checkpoints:
         if final.exists():  # a torn folder of the same step (its run died before finishing it)
             shutil.rmtree(final)
         os.rename(partial, final)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return final
 
     def prune(self, keep: int) -> None:
@@ -351,3 +308,98 @@ class StopRequests:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+# -- a finished run, loaded ---------------------------------------------------------------
+# (tdm.config, the families and torch load on first use: `tdm --help` and the CLI's checks stay quick)
+@dataclass
+class Run:
+    cfg: Config
+    family: object
+    student: Denoiser
+
+    @property
+    def Ks(self) -> list[int]:
+        return self.cfg.student.unify or [self.cfg.student.steps]
+
+    def grid(self, K: int) -> torch.Tensor:
+        return self.family.schedule.grid(K, self.cfg.student.grid_spec())
+
+    def draw(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None):
+        """Start noise and conditions for `n` samples (labels drawn from the teacher unless given)."""
+        import torch
+
+        fam = self.family
+        classes = getattr(fam, "num_classes", 0)
+        if labels is not None and not classes:
+            raise ValueError(f"--labels needs a class-conditional run; this {self.cfg.teacher.family} run has no "
+                             "classes")
+        if labels is not None and not ((labels >= 0) & (labels < classes)).all():
+            raise ValueError(f"--labels {labels.unique().tolist()}: this run's classes are 0..{classes - 1}")
+        x_T = torch.randn(fam.sample_shape(n), generator=generator)
+        cond, uncond = fam.sample_cond(n, generator)
+        if labels is not None and torch.is_tensor(cond):
+            cond = labels.to(cond)
+        elif labels is not None:  # prompt-conditioned: the family picks a prompt per label
+            cond = fam.label_cond(labels, generator)
+        return x_T, cond, uncond
+
+    def sample(self, K: int, x_T: torch.Tensor, cond, return_trajectory: bool = False):
+        """The student's K-step sample from `x_T` (its own stochastic draws from a fixed seed)."""
+        import torch
+
+        from .core.samplers import sample_student
+
+        extra = {"k_steps": torch.tensor(K)} if self.cfg.student.unify else {}
+        return sample_student(self.student, x_T, self.grid(K), cond, stochastic=self.cfg.student.stochastic,
+                              generator=torch.Generator().manual_seed(0), return_trajectory=return_trajectory,
+                              **extra)
+
+
+def run_config(run_dir: str | Path) -> Config:
+    """A finished run's config, checked; nothing loads."""
+    from .config import Config, validate
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (it does not exist or is a file)")
+    for name in (CONFIG, STUDENT):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a finished run: {name} is missing (`tdm distill` writes it at "
+                                    "the end of training)")
+    try:
+        cfg = Config.from_dict(yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, KeyError, ValueError) as err:
+        raise RunError(f"{run_dir / CONFIG} is not a config this tdm reads ({_first_line(err)})") from None
+    validate(cfg)
+    cfg.train.progress = False
+    return cfg
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Run:
+    """A finished run's family and student on `device`, its frozen networks in `dtype` (float32 by default)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .families import build_family
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    family = build_family(cfg, device, run_dir, dtype or torch.float32)
+    net = family.role_nets(family.new_net(), ["student"])["student"]
+    try:
+        weights = load_file(str(run_dir / STUDENT), device=str(device))
+        net.load_state_dict(weights)
+    except (SafetensorError, RuntimeError, KeyError) as err:
+        raise RunError(f"{run_dir / STUDENT} does not load into the run's network ({_first_line(err)}); it is "
+                       "damaged or from another config") from None
+    if not all(torch.isfinite(w).all() for w in weights.values()):
+        raise RunError(f"{run_dir / STUDENT} holds non-finite weights (written before tdm's non-finite guard); "
+                       "train the run again in another --output")
+    return Run(cfg, family, family.wrap(net.eval()))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

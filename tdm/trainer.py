@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from .config import Config, dump
 from .core.rng import RunRNG
 from .errors import Interrupted, NonFiniteError, RunError
 from .families import DTYPES, build_family, check_inputs
+from .files import save_tensors
 from .methods.base import method_class
 
 
@@ -63,6 +65,16 @@ def use_tf32() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
+def lr_factor(warmup: int, decay: str, iterations: int, i: int) -> float:
+    """The learning rate's factor at iteration `i`: linear warm-up over `warmup` iterations, then constant or a
+    cosine to zero at `iterations` (the demo's schedule)."""
+    if i < warmup:
+        return (i + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, iterations - warmup))))
+
+
 class Trainer:
     """Builds the teacher and the method's roles from a config and runs its iterations in a run folder it locks."""
 
@@ -78,7 +90,9 @@ class Trainer:
             # autocast's weight-cast cache would hold a low-precision copy of every trainable weight through the
             # iteration, and before torch 2.10 hand the no-grad rollout's copies (no history) to the student's
             # forward with grad, which then gets no gradient (pytorch/pytorch#112583)
-            kwargs_handlers=[AutocastKwargs(cache_enabled=False)])
+            kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
+            # train.batch_size is the global batch: one schedule step per iteration, not one per process
+            step_scheduler_with_optimizer=False)
         if tr.mixed_precision == "fp16" and acc.device.type == "cpu":
             raise ValueError("train.mixed_precision=fp16 needs a GPU (accelerate runs fp16 on the CPU as fp32); "
                              "use bf16 or no")
@@ -124,8 +138,7 @@ class Trainer:
                 opt = AdamW8bit(params, **kwargs)
             else:  # one fused kernel per step instead of one launch per tensor and moment
                 opt = torch.optim.AdamW(params, fused=params[0].device.type == "cuda", **kwargs)
-            warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, o.warmup)))
-            return opt, warm
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, o.warmup, o.decay, tr.iterations))
 
         # prepared in one call, nets then optimisers then schedules, in the method's role order: the checkpoint's
         # file names (model.safetensors, model_1.safetensors, optimizer.bin, ...) follow it
@@ -303,7 +316,7 @@ class Trainer:
         path = self.run_dir / run.STUDENT
         if acc.is_main_process:
             try:
-                run.save_tensors({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, path,
+                save_tensors({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, path,
                                  metadata={"step": str(self.state.step)})
             except Exception as err:
                 raise RunError(f"could not write {path} ({_why(err)}); the final checkpoint is complete: fix that, "
@@ -355,6 +368,7 @@ class Trainer:
                                          "afresh in another --output")
                 m[k] = None  # a skipped update's value: JSON has no NaN
         m["wall_s"] = time.perf_counter() - t0
+        m.update({f"lr_{role}": sched.get_last_lr()[0] for role, sched in self.scheds.items()})  # the next step's
         acc.log({k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "step"}, step=self.state.step)
         if acc.is_main_process:
             with log_path.open("a") as f:

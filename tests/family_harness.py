@@ -32,7 +32,7 @@ def moved_student(run_dir, K: int = 4, n: int = 2):
     import torch
 
     from tdm.core.samplers import sample_student
-    from tdm.evaluate import load_run
+    from tdm.run import load_run
 
     run = load_run(run_dir)
     g = torch.Generator().manual_seed(0)

@@ -61,7 +61,7 @@ def test_rotary_embedding_matches_pipeline():
     """CogVideoX-5B's RoPE (unused by the 2B teacher) equals what CogVideoXPipeline builds for the same grid."""
     from diffusers import CogVideoXPipeline
 
-    from tdm.families.cogvideox import rotary_embedding
+    from tdm.families.diffusers.cogvideox import rotary_embedding
 
     config = types.SimpleNamespace(patch_size=2, patch_size_t=None, sample_width=90, sample_height=60,
                                    attention_head_dim=64)
@@ -98,7 +98,7 @@ def test_latent_shape_keeps_native_aspect(tmp_path):
     """teacher.resolution is the height; CogVideoX-2B's 480 px and 49 frames give its pipeline's (13, 16, 60, 90)."""
     import json
 
-    from tdm.families.cogvideox import CogVideoXFamily
+    from tdm.families.diffusers.cogvideox import CogVideoXFamily
 
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps(

@@ -249,7 +249,7 @@ def test_short_training_beats_its_start_and_the_teachers_4_step_ddim(tmp_path, o
     LCM student's energy distance from its start (the pretrained network under the LCM sampler) and below the exact
     teacher's own 4-step DDIM. Measured at one thread: start 0.0388, trained 0.0183, teacher DDIM 4
     0.0352; the preset's network does better (README)."""
-    from tdm.evaluate import evaluate
+    from tdm.eval.evaluate import evaluate
     from tdm.trainer import Trainer
 
     small = ["method=consistency", "student.stochastic=true", "train.progress=false", "net.hidden=128",

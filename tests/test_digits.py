@@ -9,10 +9,11 @@ import torch
 from tdm.cli import main
 from tdm.config import resolve
 from tdm.core.samplers import sample_student
-from tdm.evaluate import load_run, student_sample
-from tdm.families.digits import DigitsFamily, teacher_check, teacher_dir
-from tdm.images.digits import load_digits_split
-from tdm.images.teacher import train_teacher
+from tdm.eval.digits import DigitsEvaluator, teacher_check
+from tdm.families.digits.data import load_digits_split
+from tdm.families.digits.family import DigitsFamily, teacher_dir
+from tdm.families.digits.teacher import train_teacher
+from tdm.run import load_run
 from tdm.trainer import Trainer
 
 FAST = ["train.progress=false", "train.checkpoint_every=1000"]
@@ -37,14 +38,15 @@ def test_short_distillation_improves_fd_over_the_start(tmp_path, one_thread):
     iterations lower the 4-step FD of the student from its start, the teacher itself (measured 153 -> 107)."""
     cfg = resolve("digits", FAST + ["train.iterations=150", "train.batch_size=32", "teacher.guidance=1"])
     fam = DigitsFamily(cfg)
+    judge = DigitsEvaluator(fam)
     g = torch.Generator().manual_seed(0)
-    labels, _ = fam.eval_cond(450, g)
+    labels, _ = judge.cond(450, g)
     x_T = torch.randn(fam.sample_shape(450), generator=g)
 
     trainer = Trainer(cfg, tmp_path / "d")
-    start = fam.quality(sample_student(trainer.method.student, x_T, trainer.method.grids[4], labels), labels, g)
+    start = judge.quality(sample_student(trainer.method.student, x_T, trainer.method.grids[4], labels), labels, g)
     trainer.train()
-    end = fam.quality(student_sample(load_run(tmp_path / "d"), 4, x_T, labels), labels, g)
+    end = judge.quality(load_run(tmp_path / "d").sample(4, x_T, labels), labels, g)
     assert end["fd"] < 0.8 * start["fd"], (start, end)
 
 

@@ -11,10 +11,12 @@ from diffusers import StableDiffusionPipeline
 from tdm.cli import main
 from tdm.config import resolve
 from tdm.core.samplers import sample_student
-from tdm.evaluate import load_run, student_sample
+from tdm.eval.digits import DigitsSDEvaluator
+from tdm.eval.digits import sd_teacher_check as teacher_check
 from tdm.export.pipeline import export_run, load_pipeline
-from tdm.families.digits_sd import DigitsSDFamily, teacher_check, teacher_dir
-from tdm.images.sd_teacher import digit_prompts, to_digit
+from tdm.families.digits.sd import DigitsSDFamily, teacher_dir
+from tdm.families.digits.sd_teacher import digit_prompts, to_digit
+from tdm.run import load_run
 from tdm.trainer import Trainer
 
 FAST = ["train.progress=false", "train.checkpoint_every=1000"]
@@ -50,7 +52,7 @@ def test_committed_teacher_reproduces_its_check_and_draws_digits_in_a_stock_pipe
     prompts = [digit_prompts(int(d))[i % 4] for i, d in enumerate(labels)]
     images = pipe(prompts, num_inference_steps=25, guidance_scale=recorded["guidance"], output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
-    from tdm.images.classifier import load_classifier
+    from tdm.eval.classifier import load_classifier
 
     predicted = load_classifier()(to_digit(images * 2 - 1)).argmax(-1)
     assert (predicted == labels).double().mean() >= 0.8
@@ -67,12 +69,13 @@ def short_run(tmp_path_factory):
         cfg = resolve("digits-sd", [*FAST, "train.iterations=150", "optim.lr_student=3e-4", "optim.lr_fake=3e-3"])
         trainer = Trainer(cfg, run)
         fam = trainer.family
+        judge = DigitsSDEvaluator(fam)
         g = torch.Generator().manual_seed(0)
         x_T = torch.randn(fam.sample_shape(N_EVAL), generator=g)
-        cond, _ = fam.eval_cond(N_EVAL, g)
-        start = fam.quality(sample_student(trainer.method.student, x_T, trainer.method.grids[4], cond), cond, g)
+        cond, _ = judge.cond(N_EVAL, g)
+        start = judge.quality(sample_student(trainer.method.student, x_T, trainer.method.grids[4], cond), cond, g)
         trainer.train()
-        end = fam.quality(student_sample(load_run(run), 4, x_T, cond), cond, g)
+        end = judge.quality(load_run(run).sample(4, x_T, cond), cond, g)
     finally:
         torch.set_num_threads(n_threads)
     return run, start, end
@@ -95,11 +98,12 @@ def test_exported_lora_in_a_stock_pipeline_gives_the_same_images_and_metrics(sho
     run_dir = short_run[0]
     run = load_run(run_dir)
     fam = run.family
+    judge = DigitsSDEvaluator(fam)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(fam.sample_shape(N_EVAL), generator=g)
-    idx = fam.eval_prompts(N_EVAL, g)
+    idx = fam.prompts_for(judge.held_out(N_EVAL), g)  # the draws of `tdm eval`
     cond = fam._cond(idx)
-    x_student = student_sample(run, 4, x_T, cond)
+    x_student = run.sample(4, x_T, cond)
     assert (x_student - sample_student(fam.teacher, x_T, run.grid(4), cond)).abs().max() > 1e-2  # it moved
     ours = fam.decode(x_student)
 
@@ -107,8 +111,8 @@ def test_exported_lora_in_a_stock_pipeline_gives_the_same_images_and_metrics(sho
     pipe.set_progress_bar_config(disable=True)
     stock = pipe([fam.prompts[i] for i in idx], latents=x_T.clone(), output_type="pt", **kwargs).images
     assert (stock - ours).abs().max() < 1e-4
-    m_stock = fam.evaluator.evaluate(to_digit(stock * 2 - 1), cond["labels"])
-    m_ours = fam.quality(x_student, cond, g)
+    m_stock = judge.metrics.evaluate(to_digit(stock * 2 - 1), cond["labels"])
+    m_ours = judge.quality(x_student, cond, g)
     assert m_stock == pytest.approx(m_ours, rel=1e-3, abs=1e-3)
 
 

@@ -33,14 +33,16 @@ def _distill(run: Path, args: list[str], processes: int) -> list[dict]:
 def test_two_processes_give_the_losses_of_one(teacher, tmp_path, lora):
     """Each process draws the global batch's numbers and keeps its rows (tdm.core.rng.RunRNG); DDP averages the
     gradients, the log averages the losses: one process at batch 4 and two at 2 + 2 must agree to float
-    rounding, while the large learning rates make every step move the weights."""
+    rounding, while the large learning rates make every step move the weights. Both step the LR schedule once per
+    iteration (accelerate would step it once per process)."""
     args = overrides(teacher, "train.batch_size=4", "train.iterations=3", "train.log_every=1",
                      "train.mixed_precision=no", "train.preview_every=0", f"lora.enabled={str(lora).lower()}",
-                     "optim.lr_student=1e-2" if lora else "optim.lr_student=1e-3", "optim.lr_fake=1e-2")
+                     "optim.lr_student=1e-2" if lora else "optim.lr_student=1e-3", "optim.lr_fake=1e-2",
+                     "optim.warmup=2", "optim.decay=cosine")
     one = _distill(tmp_path / "one", args, 1)
     two = _distill(tmp_path / "two", args, 2)
     assert [m["step"] for m in two] == [1, 2, 3]
-    for key in ("loss_fake", "loss_student", "D", "w_IS"):
+    for key in ("loss_fake", "loss_student", "D", "w_IS", "lr_student", "lr_fake"):
         a, b = [m[key] for m in one], [m[key] for m in two]
         assert b == pytest.approx(a, rel=1e-4), key
     assert len({m["loss_student"] for m in one}) == 3  # the steps differ: the comparison can fail

@@ -14,7 +14,7 @@ from tdm.core.denoiser import Denoiser
 from tdm.core.rng import RunRNG
 from tdm.core.samplers import ddim_step
 from tdm.core.schedules import FlowSchedule, VPSchedule
-from tdm.evaluate import evaluate
+from tdm.eval.evaluate import evaluate
 from tdm.methods.dmd2 import DMD2, distribution_matching_loss
 from tdm.trainer import Trainer
 

@@ -104,7 +104,7 @@ def test_meta_probe_equals_the_same_passes_on_real_tensors(name, lora, tmp_path_
     """The live bytes of a forward with grad, its backward and a no-grad forward, measured on the meta device
     with `probe_cond`'s conditions, equal those of the same calls on the real network with the family's
     real conditions (fp32, CPU)."""
-    from tdm.families.diffusers_base import RoleNet
+    from tdm.families.diffusers.lora import RoleNet
 
     preset, build, more = FAMILIES[name]
     teacher = teacher_folder(tmp_path_factory, name, build)

@@ -351,7 +351,7 @@ def test_a_start_that_failed_before_training_leaves_the_folder_reusable(tmp_path
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("tdm.families.toy.fit_diffusion", ctrl_c)  # Ctrl-C while the MLP teacher is fitted
+    monkeypatch.setattr("tdm.families.toy.family.fit_diffusion", ctrl_c)  # Ctrl-C while the MLP teacher is fitted
     run = tmp_path / "r"
     assert _distill(run) == 130
     assert "interrupted by SIGINT" in capsys.readouterr().err and (run / "config.yaml").exists()

@@ -9,9 +9,9 @@ import torch
 from tdm.core.denoiser import Denoiser, cfg_denoise
 from tdm.core.samplers import sample_ddim
 from tdm.core.schedules import VPSchedule, teacher_grid
-from tdm.families.toy import load_mixture
-from tdm.gmm import ExactGMMNet, GaussianMixture, sample_teacher_law
-from tdm.metrics import assign_components, energy_distance, mode_stats, sliced_wasserstein
+from tdm.eval.metrics import assign_components, energy_distance, mode_stats, sliced_wasserstein
+from tdm.families.toy.family import load_mixture
+from tdm.families.toy.gmm import ExactGMMNet, GaussianMixture, sample_teacher_law
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from tdm.images.classifier import ASSET_DIR, load_classifier, train_classifier
-from tdm.images.digits import load_digits_split, to_pixels
-from tdm.images.metrics import DigitEvaluator, frechet_distance, precision_recall
+from tdm.eval.classifier import ASSET_DIR, load_classifier, train_classifier
+from tdm.eval.digit_metrics import DigitMetrics, frechet_distance, precision_recall
+from tdm.families.digits.data import load_digits_split, to_pixels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,7 +85,7 @@ def test_split_is_deterministic_stratified_disjoint_and_scaled():
 # -- the committed classifier ---------------------------------------------------------------------
 @pytest.fixture
 def evaluator(one_thread):
-    return DigitEvaluator(load_classifier(), load_digits_split())
+    return DigitMetrics(load_classifier(), load_digits_split())
 
 
 def test_committed_classifier_reproduces_its_recorded_metrics(evaluator):

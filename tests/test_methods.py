@@ -426,3 +426,40 @@ def test_shared_is_refused_where_the_fake_cannot_be_told_k(tmp_path):
     with pytest.raises(ValueError, match="tdm.interval=shared .* digits family"):
         check_inputs(resolve("digits", ["tdm.interval=shared"]))
     check_inputs(resolve("toy-gmm", ["tdm.interval=shared"]))
+
+
+class EmbeddedGuidance(Denoiser):
+    """A teacher that takes the guidance scale as an input (FLUX.1-dev's embedding): one conditional call."""
+
+    def guided(self, x_t, t, cond, uncond, w, **extra):
+        return self(x_t, t, cond, guidance=torch.full((x_t.shape[0],), w, dtype=F64), **extra)
+
+
+@pytest.mark.parametrize("name", ["tdm", "dmd2", "consistency"])
+@pytest.mark.parametrize("own_call", [False, True])
+def test_a_family_s_guided_call_replaces_two_pass_cfg_in_every_method(name, own_call):
+    """Every method reaches the teacher's guidance through `Denoiser.guided`: two-pass CFG by default (2B rows, the
+    null label in the second half), the family's own call where its teacher overrides it (B rows, the scale as an
+    input, no unconditional pass)."""
+    from tdm.methods.base import method_class
+
+    cfg = resolve("toy-gmm", ["teacher.guidance=3", f"method={name}",
+                              *(["student.stochastic=true"] if name == "consistency" else [])])
+    schedule = VPSchedule.from_betas(cfg.teacher.beta_schedule, cfg.teacher.beta_start, cfg.teacher.beta_end)
+    calls: list[Call] = []
+    cls = method_class(name)
+    nets = {r.name: Denoiser(Stub(r.name, calls, 0.5), schedule, "sample") for r in cls.roles}
+    teacher = (EmbeddedGuidance if own_call else Denoiser)(Stub("teacher", calls, None), schedule, "sample")
+    method = cls(cfg, schedule, teacher, nets)
+    B = 16
+    labels = torch.arange(B)
+    x_T = torch.randn(B, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    method.step(x_T, labels, torch.full_like(labels, NULL), lambda role, loss: None, RunRNG(0))
+    taught = [c for c in calls if c.role == "teacher"]
+    assert taught
+    for c in taught:
+        if own_call:
+            assert len(c.x) <= B and not (c.cond == NULL).any() and torch.equal(c.extra["guidance"],
+                                                                             torch.full((len(c.x),), 3.0, dtype=F64))
+        else:
+            assert len(c.x) % 2 == 0 and (c.cond[len(c.x) // 2:] == NULL).all() and c.extra == {}

@@ -98,7 +98,7 @@ def test_conditioning_and_cfg_match_stock_pipeline(teacher, teacher_1024, tmp_pa
 
 def _student_vs_teacher(run_dir):
     from tdm.core.samplers import sample_student
-    from tdm.evaluate import load_run
+    from tdm.run import load_run
 
     ours = load_run(run_dir)
     g = torch.Generator().manual_seed(0)
@@ -158,8 +158,8 @@ def test_euler_export_scheduler_for_pixart(teacher, trained, tmp_path, one_threa
     from peft import PeftModel
 
     from tdm.core.samplers import sample_student
-    from tdm.evaluate import load_run
     from tdm.export.scheduler import inference_scheduler
+    from tdm.run import load_run
 
     run = load_run(trained)
     assert run.family.vp_scheduler == "euler"

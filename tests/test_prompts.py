@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tdm.prompts import cached_embeddings, read_prompts
+from tdm.families.diffusers.prompts import cached_embeddings, read_prompts
 
 
 def test_text_file_drops_empty_and_duplicates_and_truncates(tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 from tdm.core.denoiser import Denoiser
 from tdm.core.samplers import sample_ddim, sample_dpmpp_2m, sample_euler, sample_student
 from tdm.core.schedules import FlowSchedule, VPSchedule, teacher_grid, timestep_grid
-from tdm.gmm import ExactGMMNet, GaussianMixture
+from tdm.families.toy.gmm import ExactGMMNet, GaussianMixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

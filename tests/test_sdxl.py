@@ -70,8 +70,8 @@ def test_export_reproduces_student_in_stock_pipeline(teacher, trained, tmp_path,
     """Export, then a freshly built StableDiffusionXLPipeline (load_lora_weights, or the fused folder) configured
     from tdm_inference.json reproduces the library's own 4-step sampler to 1e-4 (fp32)."""
     from tdm.core.samplers import sample_student
-    from tdm.evaluate import load_run
     from tdm.export.pipeline import export_run, load_pipeline
+    from tdm.run import load_run
 
     ours = load_run(trained)
     g = torch.Generator().manual_seed(0)

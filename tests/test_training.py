@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tdm.config import resolve
-from tdm.evaluate import evaluate
+from tdm.eval.evaluate import evaluate
 from tdm.trainer import Trainer
 
 TINY = ["train.progress=false", "net.hidden=64", "net.depth=2", "net.pretrain_steps=50", "net.pretrain_batch=256",
@@ -140,3 +140,15 @@ def test_fixed_shape_rollout_computes_the_same_iteration(tmp_path, one_thread):
         assert b["loss_fake"] == pytest.approx(a["loss_fake"], rel=1e-5)
         assert b["loss_student"] == pytest.approx(a["loss_student"], rel=1e-5)
     assert sum(m["forwards_batch_equiv"] for m in fixed) > sum(m["forwards_batch_equiv"] for m in partial)
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine(tmp_path, one_thread):
+    """optim.warmup=2, optim.decay=cosine over 6 iterations: the logged next-step rate is lr (i+1)/2 during warm-up,
+    then lr (1 + cos(pi (i - 2) / 4)) / 2, for both roles."""
+    _, logged = _train(tmp_path, "run", overrides=["train.iterations=6", "train.log_every=1", "optim.warmup=2",
+                                                   "optim.decay=cosine", "optim.lr_student=1e-4", "optim.lr_fake=1e-3"])
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    factor = [1.0, 1.0, 0.5 * (1 + 2 ** -0.5), 0.5, 0.5 * (1 - 2 ** -0.5), 0.0]  # after steps 1..6
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
+    assert [m["lr_student"] for m in logged] == pytest.approx([1e-4 * f for f in factor], abs=1e-12)
+    assert [m["lr_fake"] for m in logged] == pytest.approx([1e-3 * f for f in factor], abs=1e-12)

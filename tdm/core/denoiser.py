@@ -68,6 +68,18 @@ class Denoiser(nn.Module):
         x0_hat, eps_hat = self.schedule.to_x0_eps(out.to(x_t.dtype), x_t, t, self.prediction_type)
         return x0_hat, eps_hat
 
+    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond, w: float, **extra):
+        """The prediction guided at scale `w`: classifier-free guidance, cond and uncond in one batched call.
+        A family whose teacher takes the guidance scale as an input (FLUX.1-dev's embedding) overrides this with
+        its one call; every method and sampler reaches the teacher's guidance through here (`cfg_denoise`)."""
+        if w == 1:
+            return self(x_t, t, cond, **extra)
+        t = host_times(t, x_t.shape[0])
+        extra2 = {key: concat_cond(v, v) for key, v in extra.items()}
+        x0, eps = self(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_cond(cond, uncond), **extra2)
+        (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
+        return x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u)
+
     def reset_counters(self) -> tuple[int, int]:
         counts = (self.calls, self.rows)
         self.calls = self.rows = 0
@@ -76,14 +88,9 @@ class Denoiser(nn.Module):
 
 def cfg_denoise(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond,
                 w: float, **extra):
-    """Classifier-free guidance `x0_w = x0(uncond) + w (x0(cond) - x0(uncond))`, one batched forward.
+    """Classifier-free guidance `x0_w = x0(uncond) + w (x0(cond) - x0(uncond))`, one batched forward (§1), or the
+    denoiser's own guided call where it overrides `Denoiser.guided`.
 
     `w = 1` means no guidance and costs a single conditional pass.
     """
-    if w == 1:
-        return denoiser(x_t, t, cond, **extra)
-    t = host_times(t, x_t.shape[0])
-    extra2 = {key: concat_cond(v, v) for key, v in extra.items()}
-    x0, eps = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_cond(cond, uncond), **extra2)
-    (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
-    return x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u)
+    return denoiser.guided(x_t, t, cond, uncond, w, **extra)

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import RunError
-from ..evaluate import load_run, run_config
-from ..families import _DIFFUSERS
-from ..families.diffusers_base import scheduler_config
-from ..run import read_json, write_json
+from ..families import DIFFUSERS
+from ..families.diffusers.base import scheduler_config
+from ..files import read_json, write_json
+from ..run import load_run, run_config
 from .scheduler import build_inference_scheduler, inference_scheduler
 
 FORMATS = ("diffusers", "kohya", "full")
@@ -53,7 +53,7 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
     family = run_config(run_dir).teacher.family
-    if family not in _DIFFUSERS:
+    if family not in DIFFUSERS:
         raise RunError(f"`tdm export` writes diffusers pipelines and LoRAs; a {family} run has no pipeline: sample "
                        f"it with `tdm sample {run_dir}`")
     out = Path(output or Path(run_dir) / f"export_{fmt}")

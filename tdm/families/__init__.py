@@ -8,22 +8,23 @@ import importlib.util
 import torch
 
 from ..config import FAMILIES, Config, validate
+from ..eval import has_evaluator
 
 # frozen networks' dtype under each `train.mixed_precision`
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-_DIFFUSERS = {  # family -> (module, class): one small adapter file each
-    "sd15": ("sd15", "SD15Family"),
-    "sdxl": ("sdxl", "SDXLFamily"),
-    "pixart": ("pixart", "PixArtFamily"),
-    "sd3": ("sd3", "SD3Family"),
-    "cogvideox": ("cogvideox", "CogVideoXFamily"),
-    "digits-sd": ("digits_sd", "DigitsSDFamily"),   # sd15 plus the digit classifier's metrics
+DIFFUSERS = {  # family -> (module, class): one small adapter file each
+    "sd15": ("diffusers.sd15", "SD15Family"),
+    "sdxl": ("diffusers.sdxl", "SDXLFamily"),
+    "pixart": ("diffusers.pixart", "PixArtFamily"),
+    "sd3": ("diffusers.sd3", "SD3Family"),
+    "cogvideox": ("diffusers.cogvideox", "CogVideoXFamily"),
+    "digits-sd": ("digits.sd", "DigitsSDFamily"),   # sd15 plus the digit classifier's metrics
 }
-_CLASSES = {"toy": ("toy", "ToyFamily"), "digits": ("digits", "DigitsFamily"), **_DIFFUSERS}
+_CLASSES = {"toy": ("toy.family", "ToyFamily"), "digits": ("digits.family", "DigitsFamily"), **DIFFUSERS}
 
 # Fields that only some families read: set for another family, they would be silently ignored.
-_TOY, _DIFF = ("toy",), tuple(_DIFFUSERS)
+_TOY, _DIFF = ("toy",), tuple(DIFFUSERS)
 ONLY = {
     "teacher.path": tuple(f for f in FAMILIES if f != "toy"),
     **{f"teacher.{k}": _TOY for k in ("mixture", "beta_schedule", "beta_start", "beta_end")},
@@ -63,7 +64,7 @@ def check_inputs(cfg: Config, dry: bool = False) -> None:
         raise ValueError(f"tdm.interval=shared needs a fake score told the step k (§4 step 3), which only the toy "
                          f"family's MLP has, not the {family} family; use tdm.interval=separate or randmid")
     cls = family_class(family)
-    if cfg.train.eval_samples and not hasattr(cls, "quality"):
+    if cfg.train.eval_samples and not has_evaluator(family):
         raise ValueError(f"train.eval_samples={cfg.train.eval_samples}: the {family} family has no built-in "
                          "metric; set train.eval_samples=0 and judge samples (`tdm sample`, previews)")
     if cfg.optim.adam_8bit and importlib.util.find_spec("bitsandbytes") is None:

@@ -16,14 +16,14 @@ from ..core.schedules import Schedule
 
 
 class Family:
-    """Required: the attributes and methods below that raise. Optional (looked up with `hasattr`): `quality`,
-    `reference`, `eval_cond`, `trajectory_quality`, `figures`, `student_eval_Ks` (a built-in metric for
-    `tdm eval`), and `preview` (pictures during training)."""
+    """Required: the attributes and methods below that raise. Optional (looked up with `hasattr`): `preview`
+    (pictures during training), `label_cond` (`tdm sample --labels` on a prompt-conditioned family). What `tdm eval`
+    measures lives in the family's evaluator (`tdm/eval/`), not here."""
 
     conditional: bool                   # conditions exist (classes, prompts): CFG applies
-    teacher_steps: tuple[int, ...]      # the teacher sampler step counts `tdm eval` measures
     schedule: Schedule                  # the teacher's noise schedule: the time axis of every role
-    teacher: Denoiser                   # frozen; methods guide it with `cfg_denoise` at `cfg.teacher.guidance`
+    teacher: Denoiser                   # frozen; methods guide it at `cfg.teacher.guidance` through its `guided` call
+                                        # (two-pass CFG; a family overrides it where guidance is an input)
 
     @staticmethod
     def check_inputs(cfg: Config, dry: bool = False) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .diffusers_base import DiffusersFamily, vae_shape
+from .base import DiffusersFamily, vae_shape
 
 
 class SD15Family(DiffusersFamily):

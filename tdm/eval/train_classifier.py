@@ -1,5 +1,5 @@
 """Train the digit classifier and record its held-out accuracy and metric floor:
-`python -m tdm.images.train_classifier [--output DIR]`."""
+`python -m tdm.eval.train_classifier [--output DIR]`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import time
 
 import torch
 
+from ..families.digits.data import load_digits_split
 from .classifier import ASSET_DIR, save_classifier, train_classifier
-from .digits import load_digits_split
-from .metrics import DigitEvaluator
+from .digit_metrics import DigitMetrics
 
 SEED = 0
 STEPS, BATCH_SIZE, LR = 3000, 128, 2e-3
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     model = train_classifier(split, steps=STEPS, batch_size=BATCH_SIZE, lr=LR, seed=SEED)
     wall = time.time() - start
-    evaluator = DigitEvaluator(model, split)
+    evaluator = DigitMetrics(model, split)
     n = len(split.test_y)
     metrics = {
         "held_out_accuracy": evaluator.evaluate(split.test_x, split.test_y)["accuracy"],

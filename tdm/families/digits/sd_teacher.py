@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..scheduler_config import vp_schedule
-from .digits import DigitsSplit
+from ...scheduler_config import vp_schedule
+from .data import DigitsSplit
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # A few phrasings per class; `{w}` is the number word, `{d}` the numeral.

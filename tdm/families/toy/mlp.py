@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.schedules import Schedule
-from ..gmm import GaussianMixture
+from ...core.schedules import Schedule
+from .gmm import GaussianMixture
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

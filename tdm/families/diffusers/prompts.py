@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from .run import save_tensors
+from ...files import save_tensors
 
 
 def read_prompts(source: str | Path, max_chars: int = 1000) -> list[str]:

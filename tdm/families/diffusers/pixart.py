@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .diffusers_base import DiffusersFamily, vae_shape
+from .base import DiffusersFamily, vae_shape
 
 MAX_SEQUENCE_LENGTH = 120  # PixArtAlphaPipeline's default max_sequence_length for T5
 

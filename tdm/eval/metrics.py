@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .gmm import GaussianMixture
+from ..families.toy.gmm import GaussianMixture
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:

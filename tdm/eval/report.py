@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ..run import write_text  # noqa: E402
-from .digits import to_pixels  # noqa: E402
+from ..families.digits.data import to_pixels  # noqa: E402
+from ..files import write_text  # noqa: E402
 
 
 def image_grid(rows: dict[str, torch.Tensor], labels: torch.Tensor, path: str | Path, columns: int = 20) -> Path:

@@ -11,9 +11,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.schedules import VPSchedule
-from ..scheduler_config import vp_schedule
-from .digits import DigitsSplit
+from ...core.schedules import VPSchedule
+from ...scheduler_config import vp_schedule
+from .data import DigitsSplit
 
 NUM_CLASSES = 10                 # digits 0..9; label 10 is the null label for CFG
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.schedules import FlowSchedule
-from .diffusers_base import DiffusersFamily, scheduler_config, vae_shape
+from ...core.schedules import FlowSchedule
+from .base import DiffusersFamily, scheduler_config, vae_shape
 
 
 def text_only_pipeline(path: Path, pipeline_class: str, dtype: torch.dtype, skip=("transformer", "vae")):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .digits import DigitsSplit
+from ..families.digits.data import DigitsSplit
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"  # the committed classifier
 

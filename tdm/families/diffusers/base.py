@@ -2,7 +2,7 @@
 
 A family subclass says only what is its own: which pipeline components encode prompts, how the
 network is called (`call`), its latent shape, its default LoRA targets (TDM-METHOD §1 for the
-parameterisations). In LoRA mode one frozen base carries two adapters, 'student' and 'fake'; the
+parameterisations). In LoRA mode one frozen base carries an adapter per role of the method (`lora.py`); the
 teacher is the same base with adapters disabled, so the big network is held once.
 """
 
@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import Config
-from ..core.denoiser import Denoiser
-from ..core.schedules import Schedule
-from ..methods.base import role_names
-from ..prompts import cached_embeddings, read_prompts
-from ..run import atomic_write, read_json
-from ..scheduler_config import vp_schedule
-from . import check_grids
-from .base import Family
+from ...config import Config
+from ...core.denoiser import Denoiser
+from ...core.schedules import Schedule
+from ...files import atomic_write, read_json
+from ...methods.base import role_names
+from ...scheduler_config import vp_schedule
+from .. import check_grids
+from ..base import Family
+from .lora import LoRARoles, RoleNet
+from .prompts import cached_embeddings, read_prompts
 
 
 def scheduler_config(path: Path) -> dict:
@@ -40,99 +41,10 @@ def vae_shape(path: Path, resolution: int) -> tuple[int, int]:
     return vae["latent_channels"], resolution // factor
 
 
-class LoRARoles:
-    """Routes one base carrying the adapters 'student' and 'fake' through one role at a time (None = the
-    teacher, adapters off).
-
-    peft's model-level switches walk every module and rescan every parameter, several times per iteration;
-    here the LoRA layers are found once and the current role is remembered, so re-selecting it is free.
-    peft clears `requires_grad` of the layers it switches away from: a role is therefore selected again
-    before its backward (`RoleNet.activate`).
-    """
-
-    def __init__(self, base: nn.Module):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
-        self.current: str | None | bool = False  # False: unknown
-
-    def select(self, role: str | None) -> None:
-        if role == self.current:
-            return
-        switch_on = role is not None and self.current in (None, False)  # adapters may be off (teacher)
-        for layer in self.layers:
-            if role is None:
-                layer.enable_adapters(False)
-                continue
-            if switch_on:
-                layer.enable_adapters(True)
-            layer.set_adapter(role)
-        self.current = role
-
-
-class RoleNet(nn.Module):
-    """`net(x_t, t, cond)` of one role: the base through `adapter` (None = teacher) via `family.call`."""
-
-    def __init__(self, family: "DiffusersFamily", base: nn.Module, adapter: str | None):
-        super().__init__()
-        self.base = base
-        self.adapter = adapter
-        self._roles = family.roles if base is family.base else None  # full copies carry no adapters
-        self._call = torch.compile(family.call) if family.cfg.train.compile else family.call
-        self._dtype = family.dtype
-        self._no_split_modules = getattr(base, "_no_split_modules", None)  # FSDP shards block by block
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, **extra) -> torch.Tensor:
-        if extra:
-            raise ValueError(f"diffusers teachers take no extra conditioning yet, got {sorted(extra)}")
-        self.activate()
-        if self._dtype == torch.float32:
-            return self._call(self.base, x_t, t, cond)
-        # the frozen networks' dtype is the compute dtype wherever the network runs (training, previews, eval)
-        with torch.autocast(x_t.device.type, self._dtype, cache_enabled=False):
-            return self._call(self.base, x_t, t, cond)
-
-    def activate(self) -> None:
-        """Route the shared base through this role. The trainer calls it again before this role's
-        backward: gradient checkpointing recomputes the forward then, after other roles ran."""
-        if self._roles is not None:
-            self._roles.select(self.adapter)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        if self.adapter is None:
-            return [p for p in self.base.parameters() if p.requires_grad]
-        return list(self._adapter_params().values())
-
-    def _adapter_params(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.base.named_parameters() if f".{self.adapter}." in n}
-
-    # A LoRA role's weights are its adapter alone: checkpoints and `student.safetensors` then hold
-    # megabytes, not a copy of the base per role.
-    def state_dict(self, *args, **kwargs):
-        if self.adapter is None:
-            return super().state_dict(*args, **kwargs)
-        return {n: p.detach() for n, p in self._adapter_params().items()}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self.adapter is None:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        params = self._adapter_params()
-        missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
-        if missing or unexpected:  # a LoRA role restores all of its adapter or nothing
-            raise KeyError(f"adapter '{self.adapter}' weights do not match: {len(missing)} missing, "
-                           f"{len(unexpected)} unexpected (different lora.rank or lora.targets?)")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state_dict[n])
-        return nn.modules.module._IncompatibleKeys([], [])
-
-
 class DiffusersFamily(Family):
     """Base class; subclasses set the class attributes and implement the four hooks below."""
 
     conditional = True
-    teacher_steps = (4, 8, 25, 50)
-    student_eval_Ks = ()
     network_folder = "unet"              # subfolder of the denoising network
     prediction_type = "epsilon"          # default when the scheduler config does not say
     learned_sigma = False                # PixArt-alpha: extra variance channels, dropped by Denoiser (§1)
@@ -187,10 +99,10 @@ class DiffusersFamily(Family):
                                     "save_pretrained")
         kind = read_json(path / "model_index.json").get("_class_name")
         if kind != cls.pipeline_class:
-            from ..config import PRESETS
-            from . import _DIFFUSERS, family_class
+            from ...config import PRESETS
+            from .. import DIFFUSERS, family_class
 
-            fits = [name for name, p in PRESETS.items() if p["teacher"].get("family") in _DIFFUSERS
+            fits = [name for name, p in PRESETS.items() if p["teacher"].get("family") in DIFFUSERS
                     and family_class(p["teacher"]["family"]).pipeline_class == kind]
             hint = f"use --preset {' or '.join(fits)}" if fits else "no preset takes it"
             raise ValueError(f"teacher.path={path} holds a {kind}, but the {cfg.teacher.family} family takes a "
@@ -269,8 +181,6 @@ class DiffusersFamily(Family):
         idx = torch.randint(0, len(self.prompts), (n,), generator=generator).to(self.device)
         return self._cond(idx), self._cond(torch.full_like(idx, len(self.prompts)))
 
-    eval_cond = sample_cond
-
     # -- networks -----------------------------------------------------------------------
     def pretrained_net(self, path=None, generator=None) -> nn.Module:
         return self.base
@@ -321,7 +231,7 @@ class DiffusersFamily(Family):
 
     def preview(self, student: Denoiser, grid_of, path: Path, n_prompts: int = 4, Ks=(1, 2, 4)) -> torch.Tensor:
         """Fixed prompts and noise, the student at each K, decoded: one row per K; returns the image (3, H, W)."""
-        from ..core.samplers import sample_student
+        from ...core.samplers import sample_student
 
         g = torch.Generator().manual_seed(0)
         n = min(n_prompts, len(self.prompts))

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..run import read_json
-from .diffusers_base import DiffusersFamily, vae_shape
+from ...files import read_json
+from .base import DiffusersFamily, vae_shape
 from .sd3 import text_only_pipeline
 
 

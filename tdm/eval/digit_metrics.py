@@ -11,8 +11,8 @@ import functools
 
 import torch
 
+from ..families.digits.data import DigitsSplit
 from .classifier import DigitClassifier
-from .digits import DigitsSplit
 
 
 def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     return _covered(fake, real, k).item(), _covered(real, fake, k).item()
 
 
-class DigitEvaluator:
+class DigitMetrics:
     """Compares generated digits with the full held-out set in the classifier's feature space.
 
     FD and precision/recall depend on the sample count, so compare sample sets of equal size only,
@@ -101,9 +101,9 @@ class DigitEvaluator:
 
 
 @functools.cache
-def digit_evaluator() -> DigitEvaluator:
+def digit_metrics() -> DigitMetrics:
     """The committed classifier on the committed split, built once per process on first use (evaluation only)."""
+    from ..families.digits.data import load_digits_split
     from .classifier import load_classifier
-    from .digits import load_digits_split
 
-    return DigitEvaluator(load_classifier(), load_digits_split())
+    return DigitMetrics(load_classifier(), load_digits_split())
