@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tdm import files
 from tdm import run as rundir
 from tdm.cli import main
 from tdm.config import resolve
@@ -137,17 +138,17 @@ def test_keep_checkpoints_never_removes_the_newest(tmp_path, one_thread):
 
 def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path):
     path = tmp_path / "a.json"
-    rundir.write_json(path, {"a": 1})
+    files.write_json(path, {"a": 1})
 
     def full(tmp: Path):
         tmp.write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
 
     with pytest.raises(OSError):
-        rundir.atomic_write(path, full)
+        files.atomic_write(path, full)
     assert json.loads(path.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [path]
     with pytest.raises(ValueError):  # strict JSON: no NaN
-        rundir.write_json(path, {"a": float("nan")})
+        files.write_json(path, {"a": float("nan")})
 
 
 # -- a full disk ---------------------------------------------------------------------------------
