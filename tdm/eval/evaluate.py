@@ -73,11 +73,11 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, steps=Non
     cfg = run_config(run_dir)
     apply_eval_overrides(cfg, overrides)
     n = cfg.train.eval_samples if n is None else n
-    if n < 1:
-        raise RunError(f"{run_dir}: its train.eval_samples is 0; give the sample count: tdm eval {run_dir} --n N")
     judge_class = evaluator_class(cfg.teacher.family)
     if hasattr(judge_class, "check_run"):
         judge_class.check_run(cfg, run_dir, n)
+    if n < 1:
+        raise RunError(f"{run_dir}: its train.eval_samples is 0; give the sample count: tdm eval {run_dir} --n N")
     # Large teachers are measured on the GPU, their frozen networks in the run's precision; the toy and digits
     # numbers stay those of the CPU.
     on_gpu = getattr(judge_class, "accelerated", False) and torch.cuda.is_available()
