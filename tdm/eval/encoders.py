@@ -85,12 +85,19 @@ class Preprocess:
     torchvision."""
 
     def __init__(self, folder: Path):
-        spec = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
-        size, crop = spec.get("size"), spec.get("crop_size")
-        self.size = {"shortest_edge": size} if isinstance(size, int) else size if spec.get("do_resize", True) else None
+        path = folder / "preprocessor_config.json"
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        size, crop = spec.get("size"), spec.get("crop_size")   # older processors write a number for each
+        self.size = {"shortest_edge": size} if isinstance(size, int) else size
         self.crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+        if not spec.get("do_resize", True):
+            self.size = None
         if not spec.get("do_center_crop", True):
             self.crop = None
+        if self.size is not None and not ("shortest_edge" in self.size or {"height", "width"} <= set(self.size)):
+            raise ValueError(f"{path}: size {size} names neither shortest_edge nor height and width")
+        if self.crop is not None and not {"height", "width"} <= set(self.crop):
+            raise ValueError(f"{path}: crop_size {crop} names no height and width")
         self.mean = torch.tensor(spec.get("image_mean", [0.5, 0.5, 0.5])).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.get("image_std", [0.5, 0.5, 0.5])).view(1, 3, 1, 1)
 

@@ -91,8 +91,11 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, steps=Non
     cond, uncond = judge.cond(n, g)
     cfg_passes = 1 if run.cfg.teacher.guidance == 1 else 2
     samplers = getattr(judge, "teacher_samplers", tuple(TEACHER_SAMPLERS))
-    teacher = {name: {n_steps: _batched(lambda x, c, u, s=name, k=n_steps: teacher_sample(run, s, k, x, c, u),
-                                        size, device, x_T, cond, uncond) for n_steps in steps} for name in samplers}
+    teacher = {name: {} for name in samplers}
+    for name in samplers:
+        for n_steps in steps:
+            sample = lambda x, c, u, s=name, k=n_steps: teacher_sample(run, s, k, x, c, u)  # noqa: E731
+            teacher[name][n_steps] = _batched(sample, size, device, x_T, cond, uncond)
     # The teacher's own law: the toy's exact teacher, drawn; or a diffusers teacher's sampler at its most steps on
     # the same noise (the distillation's target). `second` is an independent draw of it: what every `*_vs_teacher`
     # distance reads at n for exactly the teacher's law, and (toy) the teacher law's own distance to the true law.
