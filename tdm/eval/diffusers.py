@@ -33,7 +33,7 @@ class DiffusersEvaluator:
             raise RunError(f"{run_dir}: a {cfg.teacher.family} run is measured with local models; name them: tdm eval "
                            f"{run_dir} eval.clip=CLIP_FOLDER [eval.features=ENCODER_FOLDER] [eval.real_images=DIR]")
         if e.features and n == 1:
-            raise RunError(f"--n {n}: FID and KID (eval.features) need at least 2 samples")
+            raise RunError(f"{run_dir}: FID and KID (eval.features) need at least 2 samples; give --n 2 or more")
 
     def __init__(self, family):
         self.family, self.cfg = family, family.cfg
