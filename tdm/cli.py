@@ -143,10 +143,10 @@ def _print_estimate(cfg, gpu: int | None = None) -> None:
 
 
 def _print_metrics(m: dict) -> None:
-    keys = [k for k in m["reference"]]
+    keys = [k for k in m.get("reference") or m["teacher_law"] if k != "nfe"]  # diffusers runs: no true samples
     width = {k: max(18, len(k) + 2) for k in keys}
     print(f"{'':24}{'NFE':>5}" + "".join(f"{k:>{width[k]}}" for k in keys))
-    rows = [("true samples (floor)", "-", m["reference"])]
+    rows = [("true samples (floor)", "-", m["reference"])] if "reference" in m else []
     if "teacher_law" in m:  # the teacher's own law (exact reference sampler), a second draw: the *_vs_teacher floor
         rows.append(("teacher law (reference)", m["teacher_law"]["nfe"], m["teacher_law"]))
     rows += [(f"student {k}", v["nfe"], v) for k, v in m["student"].items()]
@@ -265,7 +265,7 @@ def _eval(args) -> int:
 
     run.run_config(args.run_dir)  # a finished run, before its folder is locked
     with run.lock(Path(args.run_dir)):  # not while a run trains in it: its own evaluation writes the same files
-        _print_metrics(evaluate(args.run_dir, n=args.n, seed=args.seed))
+        _print_metrics(evaluate(args.run_dir, n=args.n, seed=args.seed, overrides=args.overrides))
     print(f"wrote {Path(args.run_dir) / 'metrics.json'}")
     return 0
 
@@ -401,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--n", type=_count, help="samples per entry (default train.eval_samples)")
     e.add_argument("--seed", type=_seed, default=0)
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* settings, e.g. eval.clip=FOLDER "
+                   "eval.features=FOLDER (diffusers runs: README, judging a diffusers run)")
     e.set_defaults(fn=_eval)
 
     t = sub.add_parser("teacher", parents=[common], help="train a teacher from data (the digits backend)")
@@ -480,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
         command = args.command
-        if args.command == "distill":  # key=value overrides may also follow options: `--dry-run lora.rank=8`
+        if args.command in ("distill", "eval"):  # key=value overrides may also follow options: `--dry-run lora.rank=8`
             args.overrides += [r for r in rest if "=" in r and not r.startswith("-")]
             rest = [r for r in rest if r not in args.overrides]
         if rest:

@@ -133,6 +133,18 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How `tdm eval` measures a diffusers run, with local models only (nothing is downloaded)."""
+
+    clip: str = ""                         # CLIP folder (transformers CLIPModel): CLIP score of sample and prompt
+    features: str = ""                     # image encoder folder (CLIP or DINOv2): FID and KID in its features
+    real_images: str = ""                  # folder of images: FID and KID against them too (needs eval.features)
+    teacher_steps: list[int] = field(default_factory=lambda: [4, 25])  # the teacher's DDIM steps with CFG;
+                                           # the most steps is the yardstick every sample set is measured against
+    batch_size: int = 16                   # samples per sampler, decoder and encoder call
+
+
+@dataclass
 class Config:
     preset: str = "toy-gmm"
     method: str = "tdm"                    # the distillation method: a module of tdm/methods, its own section below
@@ -146,6 +158,7 @@ class Config:
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,7 +175,8 @@ class Config:
         return cfg
 
 
-# What every diffusers preset shares: bf16, checkpoints and previews every so often, no built-in metric.
+# What every diffusers preset shares: bf16, checkpoints and previews every so often, no evaluation after training
+# (it needs local models named in the eval section; then set train.eval_samples).
 _DIFFUSERS_TRAIN = {"mixed_precision": "bf16", "checkpoint_every": 100, "eval_samples": 0, "preview_every": 50}
 
 # Named presets: overrides of the defaults above.
@@ -332,7 +346,7 @@ RANGES = {
     "optim.warmup": (0, None), "train.iterations": (0, None), "train.batch_size": (1, None),
     "train.seed": (0, 2**32 - 1), "train.checkpoint_every": (1, None), "train.keep_checkpoints": (1, None),
     "train.log_every": (1, None), "train.preview_every": (0, None), "train.eval_samples": (0, None),
-    "train.max_nonfinite_skips": (0, None),
+    "train.max_nonfinite_skips": (0, None), "eval.batch_size": (1, None),
     "consistency.skip": (1, None),
 }
 HINTS = {"teacher.guidance": " (the CFG scale w; 1 = no guidance)", "student.steps": " (K, the student's steps)",
@@ -393,6 +407,10 @@ def validate(cfg: Config) -> None:
                          "student.stochastic=true")
     if cfg.method == "consistency" and cfg.consistency.target == "ema" and o.ema == 0:
         raise ValueError("consistency.target=ema uses the trainer's EMA of the student: set optim.ema, e.g. 0.95")
+    if not cfg.eval.teacher_steps or any(k < 1 for k in cfg.eval.teacher_steps) or \
+            len(set(cfg.eval.teacher_steps)) != len(cfg.eval.teacher_steps):
+        raise ValueError(f"eval.teacher_steps={cfg.eval.teacher_steps} must list distinct step counts >= 1, e.g. "
+                         "[4,25] (the most steps is the yardstick)")
     if any(not target for target in cfg.lora.targets):
         raise ValueError(f"lora.targets={cfg.lora.targets} holds an empty module name")
 

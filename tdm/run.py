@@ -37,7 +37,8 @@ CONFIG, LOCK, LOG, MANIFEST = "config.yaml", "tdm.lock", "train_log.jsonl", "man
 STUDENT = "student.safetensors"
 # What a run may change when it is started again on its folder: none of them changes what the iterations compute.
 RESUMABLE = ("train.iterations", "train.progress", "train.max_nonfinite_skips", "train.eval_samples",
-             "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
+             "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "eval.clip", "eval.features",
+             "eval.real_images", "eval.teacher_steps", "eval.batch_size")
 # Caches of a start that never trained: cleared when the folder is started afresh with another config.
 DERIVED = ("pretrained.safetensors", LOG)
 
@@ -344,16 +345,18 @@ class Run:
             cond = fam.label_cond(labels, generator)
         return x_T, cond, uncond
 
-    def sample(self, K: int, x_T: torch.Tensor, cond, return_trajectory: bool = False):
-        """The student's K-step sample from `x_T` (its own stochastic draws from a fixed seed)."""
+    def sample(self, K: int, x_T: torch.Tensor, cond, return_trajectory: bool = False,
+               generator: torch.Generator | None = None):
+        """The student's K-step sample from `x_T`; a stochastic student's own draws come from `generator` (a fixed
+        seed by default; one generator across the batches of one sample set keeps their draws independent)."""
         import torch
 
         from .core.samplers import sample_student
 
         extra = {"k_steps": torch.tensor(K)} if self.cfg.student.unify else {}
+        generator = torch.Generator().manual_seed(0) if generator is None else generator
         return sample_student(self.student, x_T, self.grid(K), cond, stochastic=self.cfg.student.stochastic,
-                              generator=torch.Generator().manual_seed(0), return_trajectory=return_trajectory,
-                              **extra)
+                              generator=generator, return_trajectory=return_trajectory, **extra)
 
 
 def run_config(run_dir: str | Path) -> Config:
@@ -376,8 +379,10 @@ def run_config(run_dir: str | Path) -> Config:
     return cfg
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Run:
-    """A finished run's family and student on `device`, its frozen networks in `dtype` (float32 by default)."""
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+             cfg: Config | None = None) -> Run:
+    """A finished run's family and student on `device`, its frozen networks in `dtype` (float32 by default); `cfg`:
+    its config as `run_config` reads it, with changes that leave the student as trained (`tdm eval`'s eval.*)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -385,7 +390,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", dtype: tor
     from .families import build_family
 
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    cfg = run_config(run_dir) if cfg is None else cfg
     family = build_family(cfg, device, run_dir, dtype or torch.float32)
     net = family.role_nets(family.new_net(), ["student"])["student"]
     try:

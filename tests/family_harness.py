@@ -65,3 +65,11 @@ def lora_run(preset: str, teacher, root, *more):
     finally:
         torch.set_num_threads(n)
     return root / "r"
+
+
+def eval_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny local CLIP and DINOv2 folders for `tdm eval` (eval.clip, eval.features), and overrides naming them."""
+    from tiny_pipelines import make_clip, make_dinov2
+
+    root = tmp_path_factory.mktemp("eval_models")
+    return {"clip": str(make_clip(root / "clip")), "dinov2": str(make_dinov2(root / "dinov2"))}

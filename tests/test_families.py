@@ -3,7 +3,7 @@ full mode (LoRA: one copy of the base), previews, gradient checkpointing, and an
 
 import pytest
 import torch
-from family_harness import overrides, teacher_folder, train
+from family_harness import eval_models, overrides, teacher_folder, train
 from PIL import Image
 from tiny_pipelines import make_cogvideox, make_pixart, make_sd3, make_sd15, make_sdxl
 
@@ -25,6 +25,32 @@ FAMILIES = {  # name: (preset, builder, extra overrides)
 def family(request, tmp_path_factory):
     preset, build, extra = FAMILIES[request.param]
     return preset, teacher_folder(tmp_path_factory, request.param, build), extra
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return eval_models(tmp_path_factory)
+
+
+def test_eval_measures_the_run(family, models, tmp_path, one_thread):
+    """`tdm eval` with a local CLIP (score and features): every entry measured, grid.png (a video: frame strips
+    and video.gif of all 9 frames) and report.md."""
+    import json
+
+    from tdm.cli import main
+
+    preset, teacher, extra = family
+    run = tmp_path / "r"
+    train(preset, run, overrides(teacher, *extra, "train.iterations=1"))
+    assert main(["eval", str(run), "--n", "3", f"eval.clip={models['clip']}", f"eval.features={models['clip']}",
+                 "eval.teacher_steps=[2]"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    entries = [*m["student"].values(), *m["teacher"]["ddim"].values(), m["teacher_law"]]
+    assert all({"clip_score", "fid_vs_teacher", "kid_vs_teacher"} <= set(e) for e in entries)
+    assert all(e["clip_score"] is not None and e["fid_vs_teacher"] is not None for e in entries)
+    assert Image.open(run / "grid.png").size[0] > 300 and "| student K=4 | 4 |" in (run / "report.md").read_text()
+    if preset.startswith("cogvideox"):
+        assert Image.open(run / "video.gif").n_frames == 9
 
 
 @pytest.mark.parametrize("lora", [True, False])

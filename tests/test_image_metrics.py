@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tdm.eval.classifier import ASSET_DIR, load_classifier, train_classifier
-from tdm.eval.digit_metrics import DigitMetrics, frechet_distance, precision_recall
+from tdm.eval.digit_metrics import DigitMetrics, precision_recall
+from tdm.eval.image_metrics import frechet_distance
 from tdm.families.digits.data import load_digits_split, to_pixels
 
 pytestmark = pytest.mark.usefixtures("one_thread")

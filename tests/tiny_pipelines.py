@@ -655,3 +655,49 @@ FAMILIES = {
     "sd3": (make_sd3, "StableDiffusion3Pipeline"),
     "cogvideox": (make_cogvideox, "CogVideoXPipeline"),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny image encoders for `tdm eval` (a CLIPModel with its tokenizer, a DINOv2), saved as local folders
+# ---------------------------------------------------------------------------------------------
+CLIP_MEAN, CLIP_STD = [0.4815, 0.4578, 0.4082], [0.2686, 0.2613, 0.2758]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _processor(path: Path, shortest_edge: int, crop: int, mean, std) -> None:
+    """preprocessor_config.json as transformers writes it for CLIP and DINOv2 (resize, centre crop, normalise)."""
+    spec = {"do_resize": True, "size": {"shortest_edge": shortest_edge}, "do_center_crop": True,
+            "crop_size": {"height": crop, "width": crop}, "do_normalize": True, "image_mean": mean, "image_std": std}
+    (path / "preprocessor_config.json").write_text(json.dumps(spec, indent=2))
+
+
+def make_clip(path) -> Path:
+    """A CLIPModel (text hidden 32, vision 32 px in 8 px patches, projection 16) with its tokenizer."""
+    from transformers import CLIPConfig, CLIPModel
+
+    path = _prepare(path)
+    with _seeded():
+        tok = make_clip_tokenizer()
+        text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=32, patch_size=8)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    _processor(path, 32, 32, CLIP_MEAN, CLIP_STD)
+    return path
+
+
+def make_dinov2(path) -> Path:
+    """A Dinov2Model (hidden 32, 32 px in 8 px patches), preprocessed as DINOv2's processor does (resize, crop)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    path = _prepare(path)
+    with _seeded():
+        model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, image_size=32, patch_size=8)).eval()
+    model.save_pretrained(path)
+    _processor(path, 36, 32, IMAGENET_MEAN, IMAGENET_STD)
+    return path

@@ -13,26 +13,7 @@ import torch
 
 from ..families.digits.data import DigitsSplit
 from .classifier import DigitClassifier
-
-
-def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(m)
-    return (v * w.clamp_min(0).sqrt()) @ v.T
-
-
-def frechet_distance(f_a: torch.Tensor, f_b: torch.Tensor) -> float:
-    """`|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})` between Gaussians fitted to two feature sets.
-
-    `tr (S_a S_b)^{1/2} = tr (S_a^{1/2} S_b S_a^{1/2})^{1/2}`: the right side is symmetric, so two
-    eigendecompositions give it without the complex round-off of a general matrix square root.
-    """
-    f_a, f_b = f_a.double().flatten(1), f_b.double().flatten(1)
-    mu_a, mu_b = f_a.mean(0), f_b.mean(0)
-    S_a, S_b = torch.cov(f_a.T), torch.cov(f_b.T)
-    r_a = _sqrt_psd(S_a)
-    m = r_a @ S_b @ r_a
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
-    return ((mu_a - mu_b).pow(2).sum() + S_a.trace() + S_b.trace() - 2 * tr_sqrt).item()
+from .image_metrics import frechet_distance
 
 
 def _covered(x: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:

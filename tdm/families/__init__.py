@@ -8,7 +8,8 @@ import importlib.util
 import torch
 
 from ..config import FAMILIES, Config, validate
-from ..eval import has_evaluator
+from ..eval import LOCAL_MODEL_FAMILIES
+from ..eval.encoders import check_eval_section
 
 # frozen networks' dtype under each `train.mixed_precision`
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,6 +37,7 @@ ONLY = {
     **{f"lora.{k}": _DIFF for k in ("enabled", "rank", "alpha", "targets")},
     **{f"train.{k}": _DIFF for k in ("preview_every", "gradient_checkpointing", "channels_last", "compile",
                                      "teacher_offload")},
+    **{f"eval.{k}": LOCAL_MODEL_FAMILIES for k in ("clip", "features", "real_images", "teacher_steps", "batch_size")},
 }
 
 
@@ -64,9 +66,8 @@ def check_inputs(cfg: Config, dry: bool = False) -> None:
         raise ValueError(f"tdm.interval=shared needs a fake score told the step k (§4 step 3), which only the toy "
                          f"family's MLP has, not the {family} family; use tdm.interval=separate or randmid")
     cls = family_class(family)
-    if cfg.train.eval_samples and not has_evaluator(family):
-        raise ValueError(f"train.eval_samples={cfg.train.eval_samples}: the {family} family has no built-in "
-                         "metric; set train.eval_samples=0 and judge samples (`tdm sample`, previews)")
+    if family in LOCAL_MODEL_FAMILIES:
+        check_eval_section(cfg)
     if cfg.optim.adam_8bit and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes")
     cls.check_inputs(cfg, dry)

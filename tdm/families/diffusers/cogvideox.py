@@ -98,6 +98,16 @@ class CogVideoXFamily(DiffusersFamily):
         z = latents[:, :first].to(self.device, self.dtype).permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
         return torch.cat([(vae.decode(zi[None]).sample[:, :, 0] / 2 + 0.5).clamp(0, 1).float().cpu() for zi in z])
 
+    @torch.no_grad()
+    def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, F_lat, C, h, w) latents -> (B, F, 3, H, W): every frame in [0, 1], one video at a time, as float32 on
+        the CPU (`tdm eval`'s frame strips)."""
+        vae, out = self.vae, []
+        for z in latents:
+            z = z[None].to(self.device, self.dtype).permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+            out.append((vae.decode(z).sample[0].transpose(0, 1) / 2 + 0.5).clamp(0, 1).float().cpu())
+        return torch.stack(out)
+
     def latent_shape(self) -> tuple[int, ...]:
         # teacher.resolution is the HEIGHT; the width keeps the teacher's native aspect ratio (CogVideoX-2B/5B:
         # sample 60 x 90 latents, i.e. 480 x 720 px), since the config has a single resolution.
