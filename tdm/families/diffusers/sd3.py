@@ -52,8 +52,8 @@ class SD3Family(DiffusersFamily):
 
     @classmethod
     def kohya_state_dict(cls, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """sd-scripts' SD3 layout, `lora_unet_joint_blocks_{i}_x_block_attn_qkv`, read by ComfyUI, Forge and
-        sd-scripts. The MMDiT's q, k, v are one linear, so their LoRAs become one of rank r_q + r_k + r_v: `down`
+        """sd-scripts' SD3 layout, `lora_unet_joint_blocks_{i}_x_block_attn_qkv`, which ComfyUI and sd-scripts read.
+        The MMDiT's q, k, v are one linear, so their LoRAs become one of rank r_q + r_k + r_v: `down`
         stacked, `up` block-diagonal, as sd-scripts saves its split-qkv LoRAs (exact). `alpha` = that rank: every
         loader applies it at scale 1, alpha / rank being folded into `up` already."""
         groups: dict[str, dict] = {}
