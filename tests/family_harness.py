@@ -43,16 +43,6 @@ def moved_student(run_dir, K: int = 4, n: int = 2):
     return x_T, cond, x_student
 
 
-def exported_pipeline(run_dir, teacher_path, fmt: str):
-    """Export a run, then build a fresh stock pipeline from it: the LoRA on the teacher, or the fused folder."""
-    from tdm.export.pipeline import export_run, load_pipeline
-
-    out = export_run(run_dir, fmt)
-    if fmt == "full":
-        return load_pipeline(out, inference=out / "tdm_inference.json")
-    return load_pipeline(teacher_path, lora=out)
-
-
 def lora_run(preset: str, teacher, root, *more):
     """A 2-iteration LoRA run with a large student lr at one thread, for module-scoped export fixtures
     (the `one_thread` fixture is function-scoped); returns its run directory."""

@@ -50,6 +50,10 @@ class DiffusersFamily(Family):
     learned_sigma = False                # PixArt-alpha: extra variance channels, dropped by Denoiser (§1)
     vp_scheduler = "dpm"                 # exported stock scheduler (tdm.export.scheduler); PixArt: 'euler'
     lora_targets: tuple[str, ...] = ()   # default LoRA target modules
+    # Which `tdm export` LoRA files the stock tools read (the model card says so, tests/test_export_formats.py
+    # checks it): the pipeline's LoRA loader (PixArt: peft's), and ComfyUI core's LoRA key map (() = no such model).
+    diffusers_reads: tuple[str, ...] = ("diffusers", "kohya")
+    comfyui_reads: tuple[str, ...] = ("kohya",)
 
     # -- hooks ---------------------------------------------------------------------------
     @property
@@ -75,6 +79,16 @@ class DiffusersFamily(Family):
 
     def latent_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    @classmethod
+    def kohya_state_dict(cls, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The student's LoRA (peft keys of the network, alpha / rank folded into lora_B) in the kohya layout: UNets
+        keep diffusers' module names (`lora_unet_down_blocks_0_..._to_q`), as diffusers' own converter writes them,
+        with `alpha` = rank, so every loader applies it at scale 1."""
+        from diffusers.utils import convert_state_dict_to_kohya
+
+        prefixed = {f"{cls.network_folder}.{k}": v for k, v in lora.items()}
+        return {k: v.contiguous() for k, v in convert_state_dict_to_kohya(prefixed).items()}
 
     # -- shared machinery -----------------------------------------------------------------
     @classmethod

@@ -39,6 +39,9 @@ class CogVideoXFamily(DiffusersFamily):
     pipeline_class = "CogVideoXPipeline"
     network_folder = "transformer"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' CogVideoX LoRA recipe
+    # diffusers' CogVideoX loader reads its own keys only, and ComfyUI core has no CogVideoX.
+    diffusers_reads = ("diffusers",)
+    comfyui_reads = ()
     prediction_type = "v_prediction"  # CogVideoX schedulers' default; the config's value wins
     max_sequence_length = 226  # the pipeline pads T5 tokens to exactly this; the transformer expects it
 

@@ -37,6 +37,10 @@ class PixArtFamily(DiffusersFamily):
     # Attention (self and cross) and the feed-forward of every block; the adaLN-single / caption
     # projection stay frozen.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    # The 'diffusers' export is peft's adapter folder (no LoRA loader on the pipeline); ComfyUI's PixArt key map
+    # reads its `base_model.model.*` keys. No stock loader reads a kohya PixArt file.
+    diffusers_reads = ("diffusers",)
+    comfyui_reads = ("diffusers",)
     # Stock scheduler for export (tdm/export/scheduler.py): PixArtAlphaPipeline takes `step(...)[1]` when it
     # runs ONE step, and DPM-Solver's step returns a 1-tuple; Euler's returns (prev_sample, x0) and is as exact
     # for PixArt's (non zero-SNR) schedule. Read by `inference_spec` once export.py consults it.

@@ -6,6 +6,7 @@ is also our `t`, see tdm.core.schedules); `Schedule.to_x0_eps(..., "flow")` conv
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -13,6 +14,20 @@ from torch import nn
 
 from ...core.schedules import FlowSchedule
 from .base import DiffusersFamily, scheduler_config, vae_shape
+
+# A diffusers SD3 block's linears by their names in the original MMDiT (`joint_blocks.{i}.` + name), the names of
+# sd-scripts' SD3 LoRAs and of ComfyUI's model; q, k and v are one fused linear there (slot 0, 1, 2 of `qkv`).
+MMDIT_NAMES = {
+    "attn.to_q": ("x_block.attn.qkv", 0), "attn.to_k": ("x_block.attn.qkv", 1), "attn.to_v": ("x_block.attn.qkv", 2),
+    "attn.add_q_proj": ("context_block.attn.qkv", 0), "attn.add_k_proj": ("context_block.attn.qkv", 1),
+    "attn.add_v_proj": ("context_block.attn.qkv", 2),
+    "attn2.to_q": ("x_block.attn2.qkv", 0), "attn2.to_k": ("x_block.attn2.qkv", 1),
+    "attn2.to_v": ("x_block.attn2.qkv", 2),  # SD3.5's second attention
+    "attn.to_out.0": ("x_block.attn.proj", None), "attn.to_add_out": ("context_block.attn.proj", None),
+    "attn2.to_out.0": ("x_block.attn2.proj", None),
+    "ff.net.0.proj": ("x_block.mlp.fc1", None), "ff.net.2": ("x_block.mlp.fc2", None),
+    "ff_context.net.0.proj": ("context_block.mlp.fc1", None), "ff_context.net.2": ("context_block.mlp.fc2", None),
+}
 
 
 def text_only_pipeline(path: Path, pipeline_class: str, dtype: torch.dtype, skip=("transformer", "vae")):
@@ -30,6 +45,42 @@ class SD3Family(DiffusersFamily):
     prediction_type = "flow"
     # Attention projections of the image and text streams (diffusers' SD3 DreamBooth-LoRA targets).
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    # diffusers 0.42 loads no kohya-layout SD3 LoRA; ComfyUI maps diffusers' SD3 names and the MMDiT ones.
+    diffusers_reads = ("diffusers",)
+    comfyui_reads = ("diffusers", "kohya")
+
+    @classmethod
+    def kohya_state_dict(cls, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """sd-scripts' SD3 layout, `lora_unet_joint_blocks_{i}_x_block_attn_qkv`, which ComfyUI and sd-scripts read.
+        The MMDiT's q, k, v are one linear, so their LoRAs become one of rank r_q + r_k + r_v: `down`
+        stacked, `up` block-diagonal, as sd-scripts saves its split-qkv LoRAs (exact). `alpha` = that rank: every
+        loader applies it at scale 1, alpha / rank being folded into `up` already."""
+        groups: dict[str, dict] = {}
+        for key, w in lora.items():
+            m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)\.lora_([AB])\.weight", key)
+            if m is None or m.group(2) not in MMDIT_NAMES:
+                raise ValueError(f"SD3 kohya export: the LoRA on {key.rsplit('.lora_', 1)[0]} (lora.targets) has no "
+                                 "name in sd-scripts' MMDiT layout; export --format diffusers, which diffusers and "
+                                 "ComfyUI read")
+            name, slot = MMDIT_NAMES[m.group(2)]
+            groups.setdefault(f"lora_unet_joint_blocks_{m.group(1)}_{name.replace('.', '_')}", {})[slot, m.group(3)] = w
+        out = {}
+        for name, parts in groups.items():
+            slots = sorted({s for s, _ in parts}, key=lambda s: -1 if s is None else s)
+            down = torch.cat([parts[s, "A"] for s in slots])
+            if slots == [None]:
+                up = parts[None, "B"]
+            else:  # rows of q, k and v are equally many; a projection without a LoRA keeps zero rows
+                rows = parts[slots[0], "B"].shape[0]
+                up, col = down.new_zeros(3 * rows, down.shape[0]), 0
+                for s in slots:
+                    r = parts[s, "A"].shape[0]
+                    up[s * rows : (s + 1) * rows, col : col + r] = parts[s, "B"]
+                    col += r
+            out |= {f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous(),
+                    f"{name}.alpha": torch.tensor(float(down.shape[0]))}
+        return out
 
     def load_schedule(self, path: Path) -> FlowSchedule:
         config = scheduler_config(path)
