@@ -92,6 +92,31 @@ def teacher_rows(preset: str, common: list[str], work: Path, pretrained: Path | 
     return {k: m[k] for k in ("teacher", "reference", "teacher_law") if k in m}
 
 
+def iteration_costs(preset: str, jobs: dict[str, list[str]], work: Path, pretrained: Path | None,
+                    rounds: int = 5, iterations: int = 10) -> dict[str, float]:
+    """Seconds per training iteration of each job, measured interleaved in one process (round-robin, `rounds` times
+    `iterations` each; the median round): a load that varies over time weighs on every job alike. The equal-wall-time
+    table uses these, not the wall times of runs made minutes apart."""
+    trainers = {}
+    for label, ov in jobs.items():
+        run = work / f"cost{len(trainers)}"
+        run.mkdir()
+        if pretrained is not None:
+            shutil.copy(pretrained, run / "pretrained.safetensors")
+        trainers[label] = Trainer(resolve(preset, ["train.progress=false", *ov]), run)
+    times = {label: [] for label in jobs}
+    for r in range(rounds + 1):  # the first round warms up
+        for label, trainer in trainers.items():
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                trainer._step()
+            if r:
+                times[label].append((time.perf_counter() - t0) / iterations)
+    for trainer in trainers.values():
+        trainer.release()
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
@@ -125,10 +150,11 @@ def _mean_curve(curves: list[list[dict]], key: str) -> list[dict]:
 
 def compare(preset: str, methods: list[str], Ks: list[int], seeds: list[int], iterations: int, points: int,
             ablations: bool, teacher_steps: tuple[int, ...], work: Path, common: list[str] = (),
-            own_iterations: dict[str, int] | None = None, save=None) -> dict:
+            own_iterations: dict[str, int] | None = None, save=None, costs: bool = False) -> dict:
     """`common`: overrides of every run (the quick mode's short fit and small evaluation); `own_iterations`: a
     method's budget where it is not `iterations` (the quick mode only: equal budgets otherwise); `save(out)` is
-    called after every job (a long comparison stopped midway keeps what it measured)."""
+    called after every job (a long comparison stopped midway keeps what it measured); `costs`: measure each
+    method's seconds per iteration interleaved (`iteration_costs`) for the equal-wall-time table."""
     metric = METRIC[preset]
     pretrained = None
     if resolve(preset).teacher.family == "toy":  # the toy teacher's fit (the students' start) once for every run
@@ -152,6 +178,11 @@ def compare(preset: str, methods: list[str], Ks: list[int], seeds: list[int], it
                               "final": {k: _stats([r["curve"][-1][k] for r in runs]) for k in keys},
                               "start": {k: _stats([r["curve"][0][k] for r in runs]) for k in keys},
                               "wall_s": _stats([r["curve"][-1]["wall_s"] for r in runs])}
+        if save is not None:
+            save(out)
+    if costs:
+        k4 = {f"{m} K=4" for m in methods}
+        out["iteration_s"] = iteration_costs(preset, {label: ov for label, ov in jobs if label in k4}, work, pretrained)
         if save is not None:
             save(out)
     return out
@@ -187,9 +218,18 @@ def report(res: dict, methods: list[str]) -> str:
     k4 = {m: runs.get(f"{m} K=4") for m in methods if f"{m} K=4" in runs}
     if "tdm" in k4 and len(k4) > 1:
         curves = {m: _mean_curve([s["curve"] for s in r["seeds"]], "K=4") for m, r in k4.items()}
+        cost = res.get("iteration_s", {})
+        if all(f"{m} K=4" in cost for m in curves):  # wall time as iterations x the interleaved cost per iteration
+            for m, c in curves.items():
+                for p in c:
+                    p["wall_s"] = p["iteration"] * cost[f"{m} K=4"]
+            how = ("seconds per iteration measured interleaved in one process: " +
+                   ", ".join(f"{m} {1e3 * cost[f'{m} K=4']:.0f} ms" for m in curves))
+        else:
+            how = "the runs' own wall times, measured at different times under different loads"
         budget = min(c[-1]["wall_s"] for c in curves.values())
-        lines += ["", f"At K=4, equal training wall time ({budget:.0f} s, the shortest run's) and iterations to "
-                      "the same quality (mean curves over seeds):", "",
+        lines += ["", f"At K=4, equal training wall time ({budget:.0f} s, the fastest method's full run; {how}) and "
+                      "iterations to the same quality (mean curves over seeds):", "",
                   f"| method | {metric} at {budget:.0f} s | final {metric} | TDM iterations to reach it | ratio |",
                   "|---|---|---|---|---|"]
         for m, c in curves.items():
@@ -232,6 +272,23 @@ def figure(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def add_costs(path: Path, work: Path) -> dict:
+    """`--costs-of JSON`: a finished comparison's K=4 methods timed interleaved; its JSON and table rewritten."""
+    res = json.loads(path.read_text())
+    preset = res["preset"]
+    jobs = {label: r["overrides"] for label, r in res["runs"].items() if label.endswith(" K=4") and "," not in label}
+    pretrained = None
+    if resolve(preset).teacher.family == "toy":
+        Trainer(resolve(preset, ["train.progress=false", "train.iterations=0"]), work / "pre").release()
+        pretrained = work / "pre" / "pretrained.safetensors"
+    res["iteration_s"] = iteration_costs(preset, jobs, work, pretrained)
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    table = report(res, [label.split()[0] for label in jobs])
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teachers", default="toy-gmm,toy-gmm-cond,digits")
@@ -246,12 +303,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--figures", default="docs")
     p.add_argument("--tag", default="", help="suffix of the output names (several processes, one teacher)")
     p.add_argument("--only-ablations", action="store_true", help="the TDM ablation rows alone")
+    p.add_argument("--costs-of", metavar="JSON", help="measure the seconds per iteration of a finished comparison's "
+                   "K=4 methods interleaved, add them to its JSON and rewrite its table, then exit")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # tiny networks: one thread is fastest and makes runs repeatable
     methods = args.methods.split(",")
     results = {}
     work = Path(tempfile.mkdtemp(prefix="tdm-compare-"))
     try:
+        if args.costs_of:
+            return add_costs(Path(args.costs_of), work)
         for preset in args.teachers.split(",") if not args.quick else ["toy-gmm"]:
             toy = resolve(preset).teacher.family == "toy"
             out = Path(args.out)
@@ -268,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 res = compare(preset, [] if args.only_ablations else methods, [int(k) for k in args.steps.split(",")],
                               list(range(args.seeds if toy else 1)), resolve(preset).train.iterations, args.points,
-                              toy and not args.no_ablations, (4, 8, 16, 25, 50), work, save=save)
+                              toy and not args.no_ablations, (4, 8, 16, 25, 50), work, save=save,
+                              costs=not args.only_ablations)
             results[preset] = res
             table = report(res, methods)
             print(table, flush=True)

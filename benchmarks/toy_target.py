@@ -34,6 +34,7 @@ ROWS = {
     "2000 iterations, cosine, warm-up 100": ["train.iterations=2000", "optim.decay=cosine", "optim.warmup=100"],
     "2000 iterations, EMA 0.99": ["train.iterations=2000", "optim.ema=0.99"],
     "600 iterations, lr x3": ["optim.lr_student=3e-4", "optim.lr_fake=3e-3"],
+    "600 iterations, cosine, warm-up 30": ["optim.decay=cosine", "optim.warmup=30"],
     "2000 iterations, lr x3, cosine, warm-up 100, EMA 0.99": [
         "train.iterations=2000", "optim.lr_student=3e-4", "optim.lr_fake=3e-3", "optim.decay=cosine",
         "optim.warmup=100", "optim.ema=0.99"],
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--points", type=int, default=4, help="measurements along each run")
-    p.add_argument("--only", default="", help="comma-separated row names (default: all)")
+    p.add_argument("--only", default="", help="comma-separated row names (default: all); added to the JSON's rows")
     p.add_argument("--out", default="benchmarks/results/toy-target.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # tiny MLPs: one thread is fastest and makes runs repeatable
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
         pretrained = work / "pre" / "pretrained.safetensors"
         ref = teacher_rows(PRESET, [], work, pretrained, (50,))
         floor = ref["teacher_law"][METRIC]
+        kept = json.loads(out_path.read_text())["rows"] if args.only and out_path.exists() else {}  # --only: add rows
         out = {"preset": PRESET, "metric": METRIC, "teacher_law": floor, "target": 1.5 * floor,
-               "teacher_ddim_50": ref["teacher"]["ddim"]["steps=50"][METRIC], "rows": {}}
+               "teacher_ddim_50": ref["teacher"]["ddim"]["steps=50"][METRIC], "rows": kept}
         for name, ov in rows.items():
             seeds = []
             for seed in range(args.seeds):

@@ -35,3 +35,14 @@ def test_quick_mode_every_method_improves(tmp_path, one_thread):
     assert res["teacher"]["ddim"]["steps=4"]["nfe"] == 4
     written = json.loads((tmp_path / "compare-toy-gmm-quick.json").read_text())
     assert written["runs"].keys() == res["runs"].keys()
+
+
+def test_iteration_costs_are_interleaved_per_job(tmp_path, one_thread):
+    """Seconds per iteration, round-robin in one process: DMD2 with its paper's 5 fake updates per student update
+    (at most 28 network calls at K=4) costs clearly more than with 1 (at most 8)."""
+    tiny = ["net.pretrain_steps=20", "train.batch_size=64", "method=dmd2"]
+    costs = compare.iteration_costs("toy-gmm", {"one": [*tiny, "dmd2.fake_updates=1"],
+                                                "five": [*tiny, "dmd2.fake_updates=5"]}, tmp_path, None,
+                                    rounds=3, iterations=3)
+    assert set(costs) == {"one", "five"} and costs["one"] > 0
+    assert costs["five"] > 1.5 * costs["one"], costs
