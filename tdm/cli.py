@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import run
 from .errors import Interrupted, RunError
-from .files import atomic_write, write_json
+from .files import atomic_write, read_json, write_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -162,17 +162,18 @@ def _cell(v) -> str:
 
 def _sample(args) -> int:
     if args.teacher:
-        wrong = [f"--{k}" for k in ("steps", "n", "labels", "sampler", "nfe") if getattr(args, k) is not None]
+        wrong = [f"--{k}" for k in ("steps", "labels", "sampler", "nfe") if getattr(args, k) is not None]
         if args.run_dir or wrong:
             raise ValueError(f"{', '.join(wrong + ['RUN_DIR'] * bool(args.run_dir))}: these sample a run; --teacher "
-                             "samples one image with a stock pipeline (--lora, --inference, --prompt)")
+                             "samples with a stock pipeline (--lora, --inference, --prompt, --prompt-file)")
         return _sample_pipeline(args)
     if not args.run_dir:
         raise ValueError("give a RUN_DIR, or --teacher PATH [--lora FOLDER] --prompt TEXT")
-    wrong = [f"--{k}" for k in ("lora", "inference", "prompt") if getattr(args, k) is not None]
+    wrong = [f"--{k.replace('_', '-')}" for k in ("lora", "inference", "prompt", "prompt_file", "height", "width")
+             if getattr(args, k) is not None] + ["--batch"] * (args.batch != 4)
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: only for --teacher PATH (a stock pipeline); a run samples its own "
-                         "conditions")
+                         "conditions at its own size")
     if args.nfe is not None and not args.sampler:
         raise ValueError("--nfe is the teacher's step count: it goes with --sampler ddim|dpmpp_2m")
     if args.steps is not None and args.sampler:
@@ -184,12 +185,14 @@ def _sample(args) -> int:
     from .eval.evaluate import teacher_sample
 
     labels = _labels(args.labels)
-    r = run.load_run(args.run_dir)
+    device, dtype = _device_dtype(args)
+    r = run.load_run(args.run_dir, device, dtype)
     n = 1000 if args.n is None else args.n
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)  # the same samples on any device
     labels = labels.repeat_interleave(n) if labels is not None else None
     n = len(labels) if labels is not None else n
     x_T, cond, uncond = r.draw(n, g, labels)
+    x_T = x_T.to(device)
     if args.sampler:
         nfe = 50 if args.nfe is None else args.nfe
         x, name = _sample_with(f"--nfe {nfe}", teacher_sample, r, args.sampler, nfe, x_T, cond, uncond), \
@@ -198,8 +201,9 @@ def _sample(args) -> int:
         K = max(r.Ks) if args.steps is None else args.steps
         x, name = _sample_with(f"--steps {K}", r.sample, K, x_T, cond), f"student_K{K}"
     out = Path(args.out or Path(args.run_dir) / f"samples_{name}.npy")
-    atomic_write(out, lambda p: _write_npy(p, x.float().numpy()))
-    r.family.save_samples(x, cond, out.with_suffix(".png"))
+    x = x.float().cpu()
+    atomic_write(out, lambda p: _write_npy(p, x.numpy()))
+    r.family.save_samples(x.to(device), cond, out.with_suffix(".png"))
     print(f"wrote {n} samples to {out} and {out.with_suffix('.png')}")
     return 0
 
@@ -240,24 +244,62 @@ def _export(args) -> int:
 
 
 def _sample_pipeline(args) -> int:
-    """`tdm sample --teacher PATH --lora FILE --prompt ...`: the stock diffusers pipeline, set up by tdm."""
+    """`tdm sample --teacher PATH --lora FOLDER --prompt TEXT | --prompt-file FILE`: the stock diffusers pipeline set up
+    by tdm (the LoRA fused), `--n` images per prompt, each from its own seed (`--seed`, `--seed + 1`, ...)."""
     import torch
 
     from .export.pipeline import load_pipeline
 
-    if not args.prompt:
-        raise ValueError("--teacher samples one image of --prompt TEXT; give the prompt")
+    if bool(args.prompt) == bool(args.prompt_file):
+        raise ValueError("--teacher samples --prompt TEXT or every line of --prompt-file FILE; give one of them")
+    if args.prompt_file and not Path(args.prompt_file).is_file():
+        raise FileNotFoundError(f"--prompt-file {args.prompt_file} is not a file; give a text file, one prompt per "
+                                "line (or JSONL with a `prompt` field)")
     from PIL import Image
 
+    from .families.diffusers.prompts import read_prompts
+
+    prompts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
+    n = 1 if args.n is None else args.n
     out = Path(args.out or "tdm_sample.png")
     kind = Image.registered_extensions().get(out.suffix.lower())
     if kind is None:
         raise ValueError(f"--out {out}: give an image file name, e.g. sample.png or sample.jpg")
-    pipe, kwargs = load_pipeline(args.teacher, lora=args.lora, inference=args.inference)
-    image = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **kwargs).images[0]
-    atomic_write(out, lambda p: image.save(p, format=kind))
-    print(f"wrote {out}")
+    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    vae = Path(args.teacher) / "vae" / "config.json"
+    factor = 2 ** (len(read_json(vae)["block_out_channels"]) - 1) if size and vae.is_file() else 1
+    for key, value in size.items():  # stock pipelines round other sizes down, silently
+        if value % factor:
+            raise ValueError(f"--{key} {value}: this pipeline's images come in multiples of {factor} pixels (its VAE "
+                             f"factor); use e.g. {max(factor, value // factor * factor)}")
+    device, dtype = _device_dtype(args)
+    pipe, kwargs = load_pipeline(args.teacher, lora=args.lora, inference=args.inference, device=device, dtype=dtype,
+                                 fuse=True)
+    pipe.set_progress_bar_config(disable=True)
+    jobs = [(p, args.seed + j) for p in prompts for j in range(n)]
+    names = [out] if len(jobs) == 1 else [out.with_name(f"{out.stem}_{i:04d}{out.suffix}") for i in range(len(jobs))]
+    for start in range(0, len(jobs), args.batch):
+        batch = jobs[start:start + args.batch]
+        generators = [torch.Generator(device).manual_seed(seed) for _, seed in batch]
+        images = pipe([p for p, _ in batch], generator=generators, **size, **kwargs).images
+        for image, path in zip(images, names[start:start + len(batch)]):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda p, image=image: image.save(p, format=kind))
+    print(f"wrote {names[0]}" + (f" ... {names[-1].name} ({len(names)} images)" if len(names) > 1 else ""))
     return 0
+
+
+def _device_dtype(args):
+    """`--device` (default: CUDA when present) and `--dtype` (default: bf16 on CUDA, fp32 on the CPU)."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    if dtype == "fp16" and device == "cpu":
+        raise ValueError("--dtype fp16 needs a GPU (CPU kernels for fp16 are missing or slow); use bf16 or fp32")
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
 def _eval(args) -> int:
@@ -378,12 +420,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", parents=[common], help="sample a trained student (or its teacher)")
     s.add_argument("run_dir", nargs="?", help="a run directory")
-    s.add_argument("--teacher", help="diffusers teacher folder: sample one image with the stock pipeline")
+    s.add_argument("--teacher", help="diffusers teacher folder: sample with the stock pipeline (LoRA fused)")
     s.add_argument("--lora", help="with --teacher: exported LoRA folder or pytorch_lora_weights.safetensors")
     s.add_argument("--inference", help="with --teacher: tdm_inference.json (default: beside --lora)")
     s.add_argument("--prompt", help="with --teacher: the prompt")
+    s.add_argument("--prompt-file", help="with --teacher: prompts, one per line (or JSONL), each sampled --n times")
+    s.add_argument("--height", type=_count, help="with --teacher: image height (default: the pipeline's)")
+    s.add_argument("--width", type=_count, help="with --teacher: image width (default: the pipeline's)")
+    s.add_argument("--batch", type=_count, default=4, help="with --teacher: images per pipeline call")
+    s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="frozen networks' dtype (default: bf16 on "
+                   "CUDA, fp32 on the CPU)")
     s.add_argument("--steps", type=_count, help="student steps K (default: the trained K)")
-    s.add_argument("--n", type=_count, help="samples (per label with --labels; default 1000)")
+    s.add_argument("--n", type=_count, help="samples (per label with --labels; default 1000); with --teacher: "
+                   "images per prompt (default 1)")
     s.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2")
     s.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], help="sample the teacher with this sampler")
     s.add_argument("--nfe", type=_count, help="with --sampler: teacher sampler steps (default 50)")

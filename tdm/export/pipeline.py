@@ -147,11 +147,12 @@ def _lora_layers(modules, adapter: str | None = None) -> int:
 
 
 def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference: str | Path | None = None,
-                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None, fuse: bool = False):
     """A stock diffusers pipeline set up from `tdm_inference.json`; returns `(pipe, call_kwargs)`.
 
     `lora` is an exported folder or its LoRA file; `inference` defaults to the `tdm_inference.json` beside it.
-    Every LoRA module of the file must attach. Call `pipe(prompt, **call_kwargs)`.
+    Every LoRA module of the file must attach. `fuse`: the LoRA folded into the weights at its scale (no adapter
+    arithmetic per call). Call `pipe(prompt, **call_kwargs)`.
     """
     import diffusers
 
@@ -173,7 +174,11 @@ def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference
         pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="tdm")
         modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
         _check_attached(lora_file, _lora_layers(modules, "tdm"), f"{type(pipe).__name__}.load_lora_weights")
-        pipe.set_adapters(["tdm"], adapter_weights=[spec["lora_scale"]])
+        if fuse:
+            pipe.fuse_lora(lora_scale=spec["lora_scale"], adapter_names=["tdm"])
+            pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+        else:
+            pipe.set_adapters(["tdm"], adapter_weights=[spec["lora_scale"]])
     elif lora_file is not None:  # PixArt-alpha: peft's adapter folder (see export_run), merged into a stock network
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
