@@ -130,6 +130,9 @@ class TrainConfig:
     eval_samples: int = 4000               # samples per metric in `tdm eval`; 0 = no evaluation after training
     max_nonfinite_skips: int = 0           # non-finite updates skipped before the run stops; 0 = stop at the first
     progress: bool = True
+    report_to: str = "tensorboard"         # tracker of the metrics and previews: 'tensorboard', 'wandb' or 'none'
+    validation_prompts: list[str] = field(default_factory=list)  # diffusers teachers: the preview grid's prompts
+                                                                  # (empty: the first training prompts)
 
 
 @dataclass
@@ -320,6 +323,7 @@ CHOICES = {
     "consistency.loss": ("huber", "l2"),
     "optim.decay": ("constant", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.report_to": ("tensorboard", "wandb", "none"),
 }
 # (lowest, highest) allowed; None: unbounded; an open bound is written as a predicate. Every number is also finite.
 RANGES = {
@@ -393,6 +397,8 @@ def validate(cfg: Config) -> None:
                          "student.stochastic=true")
     if cfg.method == "consistency" and cfg.consistency.target == "ema" and o.ema == 0:
         raise ValueError("consistency.target=ema uses the trainer's EMA of the student: set optim.ema, e.g. 0.95")
+    if any(not p.strip() for p in cfg.train.validation_prompts):
+        raise ValueError(f"train.validation_prompts={cfg.train.validation_prompts} holds an empty prompt")
     if any(not target for target in cfg.lora.targets):
         raise ValueError(f"lora.targets={cfg.lora.targets} holds an empty module name")
 

@@ -118,11 +118,20 @@ CASES = [
     ("grid_too_fine", [*DRY, "student.grid_N=2"], ["student.grid=demo", "K=4", "grid_N=2"]),
     ("tau_min_beyond_T", [*DRY, "tdm.tau_min=5000"], ["tdm.tau_min=5000", "1000 timesteps"]),
     ("unknown_preset", ["distill", "--preset", "nope", "--dry-run"], ["unknown preset 'nope'", "toy-gmm"]),
+    ("report_to_choice", [*DRY, "train.report_to=mlflow"], ["train.report_to='mlflow'", "tensorboard, wandb, none"]),
+    ("validation_prompts_empty", [*SD, "--dry-run", 'train.validation_prompts=["a cat", " "]'],
+     ["train.validation_prompts", "empty prompt"]),
+    ("validation_prompts_text", [*SD, "--dry-run", "train.validation_prompts=[1, 2]"],
+     ["train.validation_prompts expects str"]),
+    ("validation_prompts_no_previews", [*SD, "--dry-run", "train.validation_prompts=[a cat]", "train.preview_every=0"],
+     ["train.validation_prompts", "train.preview_every=N"]),
     # -- fields the family would ignore ---------------------------------------------------
     ("toy_lora", [*DRY, "lora.rank=8"], ["lora.rank=8", "not used by the toy family", "remove it"]),
     ("toy_prompts", [*DRY, "--prompts", "{d}/p_ok.txt"], ["data.prompts", "not used by the toy family"]),
     ("toy_teacher", [*DRY, "--teacher", "{sd}"], ["teacher.path", "not used by the toy family"]),
     ("toy_preview", [*DRY, "train.preview_every=5"], ["train.preview_every=5", "toy"]),
+    ("toy_validation_prompts", [*DRY, 'train.validation_prompts=["a cat"]'],
+     ["train.validation_prompts", "not used by the toy family"]),
     ("digits_net", ["distill", "--preset", "digits", "--dry-run", "net.hidden=64"], ["net.hidden=64", "digits"]),
     ("digits_unify", ["distill", "--preset", "digits", "--dry-run", "student.unify=[1,2]"],
      ["student.unify", "digits family"]),
@@ -250,6 +259,16 @@ def test_read_only_folder_is_one_line(places, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "tdm.lock: permission denied" in err and "another path" in err
+
+
+def test_a_tracker_not_installed_is_refused_before_training(places, capsys, monkeypatch):
+    """`train.report_to=wandb` without wandb (hidden here if installed): one line naming the install, no run folder."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` finds where it is not installed
+    out = places["d"] / "o_wandb"
+    assert main(["distill", "--preset", "toy-gmm", "--output", str(out), *TINY, "train.report_to=wandb"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "train.report_to=wandb" in err and "pip install wandb" in err
+    assert not out.exists()
 
 
 def test_debug_shows_the_traceback(places, capsys):

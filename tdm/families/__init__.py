@@ -34,8 +34,8 @@ ONLY = {
     "teacher.resolution": _DIFF, "teacher.frames": ("cogvideox",),
     **{f"data.{k}": _DIFF for k in ("prompts", "max_prompt_chars")},
     **{f"lora.{k}": _DIFF for k in ("enabled", "rank", "alpha", "targets")},
-    **{f"train.{k}": _DIFF for k in ("preview_every", "gradient_checkpointing", "channels_last", "compile",
-                                     "teacher_offload")},
+    **{f"train.{k}": _DIFF for k in ("preview_every", "validation_prompts", "gradient_checkpointing",
+                                     "channels_last", "compile", "teacher_offload")},
 }
 
 
@@ -67,8 +67,14 @@ def check_inputs(cfg: Config, dry: bool = False) -> None:
     if cfg.train.eval_samples and not has_evaluator(family):
         raise ValueError(f"train.eval_samples={cfg.train.eval_samples}: the {family} family has no built-in "
                          "metric; set train.eval_samples=0 and judge samples (`tdm sample`, previews)")
+    if cfg.train.validation_prompts and not cfg.train.preview_every:
+        raise ValueError("train.validation_prompts are sampled at preview steps: set train.preview_every=N")
     if cfg.optim.adam_8bit and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes")
+    tracker = cfg.train.report_to
+    if tracker != "none" and importlib.util.find_spec(tracker) is None:
+        raise ValueError(f"train.report_to={tracker} needs the {tracker} package: pip install {tracker}, or set "
+                         "train.report_to=none")
     cls.check_inputs(cfg, dry)
 
 

@@ -131,11 +131,18 @@ class DiffusersFamily(Family):
         check_grids(cfg, self.schedule)
         # Prompts first: the text encoders (T5-XXL alone holds 9 GiB in bf16) are gone before the network loads.
         prompts = read_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
+        validation = [" ".join(p.split()) for p in cfg.train.validation_prompts]
         cache = Path(run_dir) if run_dir is not None else self.path
-        emb = cached_embeddings(prompts, lambda p: self.encode_prompts(self.path, p), cache,
-                                key=f"{self.path.resolve()}:{type(self).__name__}:{dtype}")
+
+        def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+            return self.encode_prompts(self.path, texts)
+
+        # rows: the training prompts, the empty prompt (index len(prompts)), then the validation prompts
+        emb = cached_embeddings(prompts, encode, cache, key=f"{self.path.resolve()}:{type(self).__name__}:{dtype}",
+                                extra=validation)
         self.embeddings = {k: v.to(self.device) for k, v in emb.items()}
         self.prompts = prompts
+        self.validation_prompts = validation
         self.base = self._load_network(dtype)
         self.roles = None
         if cfg.lora.enabled:
@@ -230,13 +237,15 @@ class DiffusersFamily(Family):
         return torch.cat([(self.vae.decode(zi[None]).sample / 2 + 0.5).clamp(0, 1).float().cpu() for zi in z])
 
     def preview(self, student: Denoiser, grid_of, path: Path, n_prompts: int = 4, Ks=(1, 2, 4)) -> torch.Tensor:
-        """Fixed prompts and noise, the student at each K, decoded: one row per K; returns the image (3, H, W)."""
+        """Fixed prompts and noise, the student at each K, decoded: one row per K; returns the image (3, H, W). The
+        prompts are `train.validation_prompts` when given (all of them), else the first `n_prompts` training ones."""
         from ...core.samplers import sample_student
 
         g = torch.Generator().manual_seed(0)
-        n = min(n_prompts, len(self.prompts))
+        first, n = (len(self.prompts) + 1, len(self.validation_prompts)) if self.validation_prompts else (
+            0, min(n_prompts, len(self.prompts)))
         x_T = torch.randn(self.sample_shape(n), generator=g).to(self.device)
-        cond = self._cond(torch.arange(n, device=self.device))
+        cond = self._cond(torch.arange(first, first + n, device=self.device))
         rows = [self.decode(sample_student(student, x_T, grid_of(K), cond)) for K in Ks]
         image = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # K rows x n prompts
         _save_image(image, path)
