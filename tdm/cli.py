@@ -28,9 +28,9 @@ def _distill(args) -> int:
             raise ValueError(f"--{flag} and {key}= both set {key}; keep one")
     extra = [f"teacher.path={args.teacher}"] * (args.teacher is not None) + [
         f"data.prompts={args.prompts}"] * (args.prompts is not None)
-    cfg = resolve(args.preset, extra + args.overrides)
+    cfg = resolve(args.preset, extra + args.overrides, config_file=args.config)
     check_inputs(cfg, dry=args.dry_run)
-    run_dir = Path(args.output or Path("runs") / args.preset)
+    run_dir = Path(args.output or Path("runs") / cfg.preset)
     if args.dry_run:
         from .estimate import parse_size
 
@@ -314,10 +314,17 @@ def _teacher_train_sd(args) -> int:
 
 
 def _presets(args) -> int:
-    from .config import PRESETS, dump, resolve
+    from .config import PRESETS, resolve
 
     if args.show:
-        print(dump(resolve(args.show)), end="")
+        import yaml
+
+        from .families import fields_read
+
+        cfg = resolve(args.show)
+        print(f"# {args.show}: the fields the {cfg.teacher.family} family and method={cfg.method} read; as a file, "
+              "`tdm distill --config FILE` takes it")
+        print(yaml.safe_dump(fields_read(cfg), sort_keys=False), end="")
         return 0
     for name, overrides in PRESETS.items():
         print(f"{name:16} {overrides}")
@@ -365,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("distill", parents=[common], help="distil a teacher into a few-step student")
-    d.add_argument("--preset", required=True, help="named preset (see `tdm presets`)")
+    d.add_argument("--preset", help="named preset (see `tdm presets`); or 'preset: NAME' in --config")
+    d.add_argument("--config", metavar="FILE", help="YAML file of config sections (as `tdm presets --show NAME` "
+                   "prints); key=value overrides win over it")
     d.add_argument("--teacher", help="local diffusers folder of the teacher (sets teacher.path)")
     d.add_argument("--prompts", help="prompt file: text, JSONL or a datasets folder (sets data.prompts)")
     d.add_argument("--output", help="run directory (default runs/PRESET); an existing run resumes")
@@ -413,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.set_defaults(fn=_teacher_train)
 
     pr = sub.add_parser("presets", parents=[common], help="list presets")
-    pr.add_argument("--show", metavar="NAME", help="print a preset's resolved config")
+    pr.add_argument("--show", metavar="NAME", help="print a preset's resolved config: the fields its family reads")
     pr.set_defaults(fn=_presets)
     return p
 

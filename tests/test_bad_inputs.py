@@ -45,6 +45,13 @@ def places(tmp_path_factory):
         "p_nodigit.txt": "a handwritten digit seven\na picture of a cat\n",
         "p_ok.txt": "a cat\na dog\n",
         "a_file": "not a folder",
+        "cfg_unknown.yaml": "train:\n  iterations: 5\nstudent:\n  stepz: 2\n",
+        "cfg_bad.yaml": "train:\n  iterations: [5\n",
+        "cfg_list.yaml": "- train.iterations=5\n",
+        "cfg_section.yaml": "student: 2\n",
+        "cfg_range.yaml": "train:\n  keep_checkpoints: 0\n",
+        "cfg_preset.yaml": "preset: sd15\n",
+        "cfg_type.yaml": "student:\n  steps: four\n",
     }
     for name, text in files.items():
         (d / name).write_text(text)
@@ -125,6 +132,17 @@ CASES = [
      ["train.validation_prompts expects str"]),
     ("validation_prompts_no_previews", [*SD, "--dry-run", "train.validation_prompts=[a cat]", "train.preview_every=0"],
      ["train.validation_prompts", "train.preview_every=N"]),
+    # -- --config FILE ----------------------------------------------------------------------
+    ("config_unknown_key", [*DRY, "--config", "{d}/cfg_unknown.yaml"], ["cfg_unknown.yaml:4", "'student.stepz'"]),
+    ("config_bad_yaml", [*DRY, "--config", "{d}/cfg_bad.yaml"], ["cfg_bad.yaml:", "not valid YAML"]),
+    ("config_not_mapping", [*DRY, "--config", "{d}/cfg_list.yaml"], ["cfg_list.yaml", "no mapping of config sections"]),
+    ("config_section_value", [*DRY, "--config", "{d}/cfg_section.yaml"], ["cfg_section.yaml:1", "student", "section"]),
+    ("config_value_type", [*DRY, "--config", "{d}/cfg_type.yaml"], ["cfg_type.yaml:2", "student.steps", "int"]),
+    ("config_value_range", [*DRY, "--config", "{d}/cfg_range.yaml"],
+     ["cfg_range.yaml:2", "train.keep_checkpoints=0", ">= 1"]),
+    ("config_preset_conflict", [*DRY, "--config", "{d}/cfg_preset.yaml"], ["cfg_preset.yaml:1", "--preset toy-gmm"]),
+    ("config_missing", [*DRY, "--config", "{d}/nope.yaml"], ["--config", "nope.yaml", "does not exist"]),
+    ("config_folder", [*DRY, "--config", "{d}/empty_dir"], ["--config", "empty_dir", "folder"]),
     # -- fields the family would ignore ---------------------------------------------------
     ("toy_lora", [*DRY, "lora.rank=8"], ["lora.rank=8", "not used by the toy family", "remove it"]),
     ("toy_prompts", [*DRY, "--prompts", "{d}/p_ok.txt"], ["data.prompts", "not used by the toy family"]),

@@ -39,6 +39,22 @@ ONLY = {
 }
 
 
+def fields_read(cfg: Config) -> dict:
+    """`cfg` as a nested dict without the fields its family never reads (ONLY) and the sections of methods that do
+    not run: what `tdm presets --show` prints, itself a valid `--config` file."""
+    from ..methods.base import method_names
+
+    d = cfg.to_dict()
+    for key, families in ONLY.items():
+        section, name = key.split(".")
+        if cfg.teacher.family not in families:
+            del d[section][name]
+    for name in method_names():
+        if name != cfg.method:
+            del d[name]
+    return {k: v for k, v in d.items() if v != {}}
+
+
 def family_class(name: str):
     """A family's adapter class, without loading anything."""
     if name not in _CLASSES:
