@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from pathlib import Path
 
 from . import run
@@ -485,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = {}
     if threading.current_thread() is threading.main_thread():  # SIGTERM as SIGINT: one line, not a silent death
         previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _own_warnings_in_one_line(formatwarning)
     try:
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
@@ -504,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        warnings.formatwarning = formatwarning
     if debug:
         traceback.print_exception(type(failure), failure, failure.__traceback__)
     print(f"tdm {command}: {line}" if command else f"tdm: {line}", file=sys.stderr)
@@ -511,6 +515,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _STOPPED = "interrupted by {name}; every file is written whole or not at all: run the same command to go on"
+_PACKAGE = str(Path(__file__).parent)
+
+
+def _own_warnings_in_one_line(fallback):
+    """A `warnings.formatwarning` that prints tdm's own warnings (notes on the user's inputs, e.g. dropped prompts)
+    as one line; other packages' keep `fallback`'s form, with file and source line."""
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if str(filename).startswith(_PACKAGE):
+            return f"warning: {message}\n"
+        return fallback(message, category, filename, lineno, line)
+
+    return format_warning
 
 
 def _raise_interrupted(signum, frame):

@@ -1,9 +1,13 @@
-"""What a run reports to the tracker (`train.report_to`): every logged number (losses, learning rates, gradient
-norms) and the preview images; `train.validation_prompts` make the preview grid, encoded once with the training
-prompts, and leave training untouched; wandb offline when it is installed."""
+"""What a run reports: on the console its progress and results only (no third-party noise); to the tracker
+(`train.report_to`) every logged number (losses, learning rates, gradient norms) and the preview images;
+`train.validation_prompts` make the preview grid, encoded once with the training prompts, and leave training
+untouched; wandb offline when it is installed."""
 
 import json
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -142,3 +146,16 @@ def test_wandb_offline_gets_the_same_numbers(tmp_path, monkeypatch, one_thread):
         assert [(h["_step"], h[key]) for h in history] == [(m["step"], pytest.approx(m[key])) for m in
                                                          _log(tmp_path / "r")], key
 
+
+def test_a_run_prints_its_results_not_library_noise(teacher, tmp_path):
+    """A tiny SDXL run (the most talkative loading: two text encoders through a pipeline) with every warning shown
+    (-W default): stderr holds only tdm's one-line note on the prompt file. Before: 18 lines (progress bars of
+    diffusers and transformers, transformers' torchvision note, peft's second-adapter warning, the note in two)."""
+    run = tmp_path / "r"
+    argv = [sys.executable, "-W", "default", "-m", "tdm.cli", "distill", "--preset", "sdxl", "--output", str(run),
+            *overrides(teacher, "train.iterations=1", "train.preview_every=1")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [f"warning: {teacher[1]}: dropped 1 empty and 1 duplicate prompts, truncated 0 "
+                                        "over 1000 characters; 3 remain"]
+    assert done.stdout.splitlines() == [f"next: tdm export {run} --format diffusers", f"run directory: {run}"]

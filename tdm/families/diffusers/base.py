@@ -25,6 +25,7 @@ from .. import check_grids
 from ..base import Family
 from .lora import LoRARoles, RoleNet
 from .prompts import cached_embeddings, read_prompts
+from .quiet import quiet_loading
 
 
 def scheduler_config(path: Path) -> dict:
@@ -135,7 +136,8 @@ class DiffusersFamily(Family):
         cache = Path(run_dir) if run_dir is not None else self.path
 
         def encode(texts: list[str]) -> dict[str, torch.Tensor]:
-            return self.encode_prompts(self.path, texts)
+            with quiet_loading():
+                return self.encode_prompts(self.path, texts)
 
         # rows: the training prompts, the empty prompt (index len(prompts)), then the validation prompts
         emb = cached_embeddings(prompts, encode, cache, key=f"{self.path.resolve()}:{type(self).__name__}:{dtype}",
@@ -153,8 +155,9 @@ class DiffusersFamily(Family):
 
     def _load_network(self, dtype: torch.dtype) -> nn.Module:
         """The teacher's network from its folder, frozen, in `dtype`, on the CPU, with the run's switches."""
-        net = self.network_class.from_pretrained(self.path, subfolder=self.network_folder, local_files_only=True,
-                                                 dtype=dtype).requires_grad_(False)
+        with quiet_loading():
+            net = self.network_class.from_pretrained(self.path, subfolder=self.network_folder, local_files_only=True,
+                                                     dtype=dtype).requires_grad_(False)
         if self.cfg.train.gradient_checkpointing:
             net.enable_gradient_checkpointing()
         if self.cfg.train.channels_last and self.network_folder == "unet":
@@ -168,9 +171,12 @@ class DiffusersFamily(Family):
 
         lc = self.cfg.lora
         targets = lc.targets or list(self.lora_targets)
-        for role in role_names(self.cfg):
-            self.base.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, target_modules=targets,
-                                             init_lora_weights="gaussian"), adapter_name=role)
+        with warnings.catch_warnings():
+            # peft warns from the second adapter on that the model holds several: here that is the design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            for role in role_names(self.cfg):
+                self.base.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, target_modules=targets,
+                                                 init_lora_weights="gaussian"), adapter_name=role)
         for name, p in self.base.named_parameters():
             if "lora_" in name:  # trainable now: data-parallel wrappers register what requires grad
                 p.data = p.data.float()
@@ -226,7 +232,8 @@ class DiffusersFamily(Family):
 
             folder = self.path / "vae"
             cls = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
-            self._vae = cls.from_pretrained(folder, local_files_only=True, dtype=self.dtype).to(self.device).eval()
+            with quiet_loading():
+                self._vae = cls.from_pretrained(folder, local_files_only=True, dtype=self.dtype).to(self.device).eval()
         return self._vae
 
     @torch.no_grad()
