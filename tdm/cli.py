@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from pathlib import Path
 
 from . import run
@@ -28,9 +29,9 @@ def _distill(args) -> int:
             raise ValueError(f"--{flag} and {key}= both set {key}; keep one")
     extra = [f"teacher.path={args.teacher}"] * (args.teacher is not None) + [
         f"data.prompts={args.prompts}"] * (args.prompts is not None)
-    cfg = resolve(args.preset, extra + args.overrides)
+    cfg = resolve(args.preset, extra + args.overrides, config_file=args.config)
     check_inputs(cfg, dry=args.dry_run)
-    run_dir = Path(args.output or Path("runs") / args.preset)
+    run_dir = Path(args.output or Path("runs") / cfg.preset)
     if args.dry_run:
         from .estimate import parse_size
 
@@ -356,10 +357,17 @@ def _teacher_train_sd(args) -> int:
 
 
 def _presets(args) -> int:
-    from .config import PRESETS, dump, resolve
+    from .config import PRESETS, resolve
 
     if args.show:
-        print(dump(resolve(args.show)), end="")
+        import yaml
+
+        from .families import fields_read
+
+        cfg = resolve(args.show)
+        print(f"# {args.show}: the fields the {cfg.teacher.family} family and method={cfg.method} read; as a file, "
+              "`tdm distill --config FILE` takes it")
+        print(yaml.safe_dump(fields_read(cfg), sort_keys=False), end="")
         return 0
     for name, overrides in PRESETS.items():
         print(f"{name:16} {overrides}")
@@ -407,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("distill", parents=[common], help="distil a teacher into a few-step student")
-    d.add_argument("--preset", required=True, help="named preset (see `tdm presets`)")
+    d.add_argument("--preset", help="named preset (see `tdm presets`); or 'preset: NAME' in --config")
+    d.add_argument("--config", metavar="FILE", help="YAML file of config sections (as `tdm presets --show NAME` "
+                   "prints); key=value overrides win over it")
     d.add_argument("--teacher", help="local diffusers folder of the teacher (sets teacher.path)")
     d.add_argument("--prompts", help="prompt file: text, JSONL or a datasets folder (sets data.prompts)")
     d.add_argument("--output", help="run directory (default runs/PRESET); an existing run resumes")
@@ -465,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.set_defaults(fn=_teacher_train)
 
     pr = sub.add_parser("presets", parents=[common], help="list presets")
-    pr.add_argument("--show", metavar="NAME", help="print a preset's resolved config")
+    pr.add_argument("--show", metavar="NAME", help="print a preset's resolved config: the fields its family reads")
     pr.set_defaults(fn=_presets)
     return p
 
@@ -528,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = {}
     if threading.current_thread() is threading.main_thread():  # SIGTERM as SIGINT: one line, not a silent death
         previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _own_warnings_in_one_line(formatwarning)
     try:
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
@@ -547,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        warnings.formatwarning = formatwarning
     if debug:
         traceback.print_exception(type(failure), failure, failure.__traceback__)
     print(f"tdm {command}: {line}" if command else f"tdm: {line}", file=sys.stderr)
@@ -554,6 +567,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _STOPPED = "interrupted by {name}; every file is written whole or not at all: run the same command to go on"
+_PACKAGE = str(Path(__file__).parent)
+
+
+def _own_warnings_in_one_line(fallback):
+    """A `warnings.formatwarning` that prints tdm's own warnings (notes on the user's inputs, e.g. dropped prompts)
+    as one line; other packages' keep `fallback`'s form, with file and source line."""
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if str(filename).startswith(_PACKAGE):
+            return f"warning: {message}\n"
+        return fallback(message, category, filename, lineno, line)
+
+    return format_warning
 
 
 def _raise_interrupted(signum, frame):

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -130,6 +131,9 @@ class TrainConfig:
     eval_samples: int = 4000               # samples per metric in `tdm eval`; 0 = no evaluation after training
     max_nonfinite_skips: int = 0           # non-finite updates skipped before the run stops; 0 = stop at the first
     progress: bool = True
+    report_to: str = "tensorboard"         # tracker of the metrics and previews: 'tensorboard', 'wandb' or 'none'
+    validation_prompts: list[str] = field(default_factory=list)  # diffusers teachers: the preview grid's prompts
+                                                                  # (empty: the first training prompts)
 
 
 @dataclass
@@ -292,11 +296,79 @@ def set_field(cfg: Config, key: str, value, raw: str | None = None) -> None:
     setattr(obj, name, _coerce(value, hints[name], key))
 
 
-def resolve(preset: str, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the preset, then `key=value` overrides (values parsed as YAML)."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
+def read_config_file(path: str | Path) -> list[tuple[str, object, str | None, int]]:
+    """A `--config` YAML file as `(dotted key, value, raw text, line)` entries, in file order: nested sections
+    (`train: {iterations: 800}`), top-level fields (`preset`, `method`) or dotted keys (`student.steps: 2`). A
+    scalar keeps its text as written, so that a text field reads it as an override would (`mixed_precision: no`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: it does not exist; give a YAML file of config sections") from None
+    except IsADirectoryError:
+        raise ValueError(f"--config {path}: it is a folder; give a YAML file of config sections") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not UTF-8 text (byte {err.start}); give a YAML file") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if not isinstance(root, yaml.MappingNode):
+            raise ValueError(f"--config {path} holds no mapping of config sections; write e.g. 'train: "
+                             "{iterations: 800}' and 'student: {steps: 2}', one key a line")
+        entries = []
+        for key_node, node in root.value:
+            key = str(key_node.value)
+            section = getattr(Config(), key, None)
+            if dataclasses.is_dataclass(section):
+                if not isinstance(node, yaml.MappingNode):
+                    first = dataclasses.fields(section)[0].name
+                    raise ValueError(f"{path}:{node.start_mark.line + 1}: {key} is a config section: give its "
+                                     f"fields, e.g. '{key}: {{{first}: ...}}'")
+                pairs = [(f"{key}.{k.value}", v) for k, v in node.value]
+            else:
+                pairs = [(key, node)]
+            for name, value_node in pairs:
+                raw = value_node.value if isinstance(value_node, yaml.ScalarNode) else None
+                entries.append((name, loader.construct_object(value_node, deep=True), raw,
+                                value_node.start_mark.line + 1))
+        return entries
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML ({problem}); --config takes a YAML file of config "
+                         "sections") from None
+    finally:
+        loader.dispose()
+
+
+def resolve(preset: str | None, overrides: list[str] | None = None, config_file: str | Path | None = None) -> Config:
+    """Defaults, then the preset, then the `config_file`'s fields, then `key=value` overrides (values parsed as
+    YAML): the command line wins. The preset may come from the file (`preset: NAME`) instead."""
+    entries = read_config_file(config_file) if config_file is not None else []
+    where = ""  # where the preset was named, if in the file
+    for key, value, _, line in entries:
+        if key == "preset":
+            if preset is not None and value != preset:
+                raise ValueError(f"{config_file}:{line}: preset: {value} but --preset {preset}; keep one")
+            preset, where = value, f"{config_file}:{line}: "
+    if preset is None:
+        raise ValueError("no preset: give --preset NAME (`tdm presets` lists them), or 'preset: NAME' in the "
+                         "--config file")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise KeyError(f"{where}unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
     cfg = Config.from_dict({"preset": preset, **PRESETS[preset]})
+    from_file = {}
+    for key, value, raw, line in entries:
+        if key == "preset":
+            continue
+        try:
+            set_field(cfg, key, value, raw)
+        except KeyError as err:
+            raise KeyError(f"{config_file}:{line}: {err.args[0]}") from None
+        except ValueError as err:
+            raise ValueError(f"{config_file}:{line}: {err}") from None
+        from_file[key] = f"{config_file}:{line}"
     for item in overrides or []:  # a later override of the same key wins
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
@@ -308,14 +380,23 @@ def resolve(preset: str, overrides: list[str] | None = None) -> Config:
             raise ValueError(f"override {item!r}: the value is not valid YAML ({problem}); e.g. {key}=[1,2,4] "
                              "for a list, quotes around text") from None
         set_field(cfg, key, value, raw)
-    validate(cfg)
+        from_file.pop(key, None)
+    try:
+        validate(cfg)
+    except ValueError as err:  # a value the file set (and the command line left) is named with its file and line
+        key = str(err).split("=", 1)[0]
+        if key in from_file:
+            raise ValueError(f"{from_file[key]}: {err}") from None
+        raise
     from .methods.base import method_names
 
-    for item in overrides or []:  # a section of a method that does not run would be silently ignored
-        section = item.split("=", 1)[0].strip().split(".")[0]
+    given = [(key, f"{config_file}:{line}: {key!r}") for key, _, _, line in entries] + [
+        (item.split("=", 1)[0].strip(), f"override {item.split('=', 1)[0].strip()!r}") for item in overrides or []]
+    for key, what in given:  # a section of a method that does not run would be silently ignored
+        section = key.split(".")[0]
         if section in method_names() and section != cfg.method:
-            raise ValueError(f"override {item.split('=', 1)[0].strip()!r} belongs to method {section!r}, but "
-                             f"method={cfg.method!r} runs; set method={section} or remove it")
+            raise ValueError(f"{what} belongs to method {section!r}, but method={cfg.method!r} runs; set "
+                             f"method={section} or remove it")
     return cfg
 
 
@@ -334,6 +415,7 @@ CHOICES = {
     "consistency.loss": ("huber", "l2"),
     "optim.decay": ("constant", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.report_to": ("tensorboard", "wandb", "none"),
 }
 # (lowest, highest) allowed; None: unbounded; an open bound is written as a predicate. Every number is also finite.
 RANGES = {
@@ -411,6 +493,8 @@ def validate(cfg: Config) -> None:
             len(set(cfg.eval.teacher_steps)) != len(cfg.eval.teacher_steps):
         raise ValueError(f"eval.teacher_steps={cfg.eval.teacher_steps} must list distinct step counts >= 1, e.g. "
                          "[4,25] (the most steps is the yardstick)")
+    if any(not p.strip() for p in cfg.train.validation_prompts):
+        raise ValueError(f"train.validation_prompts={cfg.train.validation_prompts} holds an empty prompt")
     if any(not target for target in cfg.lora.targets):
         raise ValueError(f"lora.targets={cfg.lora.targets} holds an empty module name")
 

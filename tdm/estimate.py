@@ -148,7 +148,8 @@ def static_bytes(cfg: Config, family_cls) -> dict[str, int]:
         if cfg.optim.ema > 0:
             out["student EMA (fp32)"] = module_bytes(net, torch.float32)
     row = family_cls.probe_cond(net.config, 1)
-    out["prompt embeddings (fp32)"] = (_prompt_count(cfg.data.prompts, cfg.data.max_prompt_chars) + 1) * sum(
+    rows = _prompt_count(cfg.data.prompts, cfg.data.max_prompt_chars) + 1 + len(tr.validation_prompts)  # "" too
+    out["prompt embeddings (fp32)"] = rows * sum(
         v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in row.values())
     if tr.preview_every > 0:
         out[f"VAE for previews ({_name(precision)})"] = folder_bytes(Path(cfg.teacher.path) / "vae", dtype)

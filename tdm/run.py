@@ -37,8 +37,9 @@ CONFIG, LOCK, LOG, MANIFEST = "config.yaml", "tdm.lock", "train_log.jsonl", "man
 STUDENT = "student.safetensors"
 # What a run may change when it is started again on its folder: none of them changes what the iterations compute.
 RESUMABLE = ("train.iterations", "train.progress", "train.max_nonfinite_skips", "train.eval_samples",
-             "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "eval.clip", "eval.features",
-             "eval.real_images", "eval.teacher_steps", "eval.batch_size")
+             "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.report_to",
+             "train.validation_prompts", "eval.clip", "eval.features", "eval.real_images", "eval.teacher_steps",
+             "eval.batch_size")
 # Caches of a start that never trained: cleared when the folder is started afresh with another config.
 DERIVED = ("pretrained.safetensors", LOG)
 

@@ -44,14 +44,6 @@ class TrainState:
         self.rng.load_state_dict(state["rng"])
 
 
-def _tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _floats(m: dict) -> dict:
     """Metrics with device scalars read (this waits for the device: at log steps only)."""
     return {k: v.item() if torch.is_tensor(v) else v for k, v in m.items()}
@@ -86,7 +78,7 @@ class Trainer:
         self.accelerator = acc = Accelerator(
             mixed_precision=tr.mixed_precision,
             project_config=ProjectConfiguration(str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
-            log_with="tensorboard" if _tensorboard_available() else None,
+            log_with=None if tr.report_to == "none" else tr.report_to,  # installed: check_inputs asked
             # autocast's weight-cast cache would hold a low-precision copy of every trainable weight through the
             # iteration, and before torch 2.10 hand the no-grad rollout's copies (no history) to the student's
             # forward with grad, which then gets no gradient (pytorch/pytorch#112583)
@@ -333,8 +325,12 @@ class Trainer:
         path = self.run_dir / "previews" / f"step_{self.state.step:07d}.png"
         with self.accelerator.autocast():
             image = self.family.preview(self.method.student, grid_of, path)
+        pixels = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # HWC, as the PNG holds it
         for tracker in self.accelerator.trackers:
-            tracker.log_images({"preview": image.permute(1, 2, 0).numpy()}, step=self.state.step, dataformats="HWC")
+            if tracker.name == "tensorboard":
+                tracker.log_images({"preview": pixels}, step=self.state.step, dataformats="HWC")
+            elif tracker.name == "wandb":  # a list of images per key
+                tracker.log_images({"preview": [pixels]}, step=self.state.step)
 
     # -- the loop ------------------------------------------------------------------------
     def _step(self) -> dict:
@@ -397,9 +393,11 @@ class Trainer:
         resumed = self.resume()
         flat = {f"{sec}.{k}": str(v) if isinstance(v, (list, type(None))) else v
                 for sec, vals in self.cfg.to_dict().items() if isinstance(vals, dict) for k, v in vals.items()}
-        # a resumed run drops the trackers' events after its checkpoint, as the log drops its lines
-        acc.init_trackers("tdm", config=flat,
-                          init_kwargs={"tensorboard": {"purge_step": self.state.step + 1}} if resumed else None)
+        # a resumed run drops TensorBoard's events after its checkpoint, as the log drops its lines; wandb keeps its
+        # files in the run folder (not the working directory), one wandb run per start
+        acc.init_trackers("tdm", config=flat, init_kwargs={
+            "tensorboard": {"purge_step": self.state.step + 1} if resumed else {},
+            "wandb": {"dir": str(self.run_dir), "name": self.run_dir.name}})
         log_path = self.run_dir / run.LOG
         history: list[dict] = []
         bar = tqdm(total=tr.iterations, initial=self.state.step, desc=self.cfg.method.upper(),

@@ -45,6 +45,13 @@ def places(tmp_path_factory):
         "p_nodigit.txt": "a handwritten digit seven\na picture of a cat\n",
         "p_ok.txt": "a cat\na dog\n",
         "a_file": "not a folder",
+        "cfg_unknown.yaml": "train:\n  iterations: 5\nstudent:\n  stepz: 2\n",
+        "cfg_bad.yaml": "train:\n  iterations: [5\n",
+        "cfg_list.yaml": "- train.iterations=5\n",
+        "cfg_section.yaml": "student: 2\n",
+        "cfg_range.yaml": "train:\n  keep_checkpoints: 0\n",
+        "cfg_preset.yaml": "preset: sd15\n",
+        "cfg_type.yaml": "student:\n  steps: four\n",
     }
     for name, text in files.items():
         (d / name).write_text(text)
@@ -118,11 +125,31 @@ CASES = [
     ("grid_too_fine", [*DRY, "student.grid_N=2"], ["student.grid=demo", "K=4", "grid_N=2"]),
     ("tau_min_beyond_T", [*DRY, "tdm.tau_min=5000"], ["tdm.tau_min=5000", "1000 timesteps"]),
     ("unknown_preset", ["distill", "--preset", "nope", "--dry-run"], ["unknown preset 'nope'", "toy-gmm"]),
+    ("report_to_choice", [*DRY, "train.report_to=mlflow"], ["train.report_to='mlflow'", "tensorboard, wandb, none"]),
+    ("validation_prompts_empty", [*SD, "--dry-run", 'train.validation_prompts=["a cat", " "]'],
+     ["train.validation_prompts", "empty prompt"]),
+    ("validation_prompts_text", [*SD, "--dry-run", "train.validation_prompts=[1, 2]"],
+     ["train.validation_prompts expects str"]),
+    ("validation_prompts_no_previews", [*SD, "--dry-run", "train.validation_prompts=[a cat]", "train.preview_every=0"],
+     ["train.validation_prompts", "train.preview_every=N"]),
+    # -- --config FILE ----------------------------------------------------------------------
+    ("config_unknown_key", [*DRY, "--config", "{d}/cfg_unknown.yaml"], ["cfg_unknown.yaml:4", "'student.stepz'"]),
+    ("config_bad_yaml", [*DRY, "--config", "{d}/cfg_bad.yaml"], ["cfg_bad.yaml:", "not valid YAML"]),
+    ("config_not_mapping", [*DRY, "--config", "{d}/cfg_list.yaml"], ["cfg_list.yaml", "no mapping of config sections"]),
+    ("config_section_value", [*DRY, "--config", "{d}/cfg_section.yaml"], ["cfg_section.yaml:1", "student", "section"]),
+    ("config_value_type", [*DRY, "--config", "{d}/cfg_type.yaml"], ["cfg_type.yaml:2", "student.steps", "int"]),
+    ("config_value_range", [*DRY, "--config", "{d}/cfg_range.yaml"],
+     ["cfg_range.yaml:2", "train.keep_checkpoints=0", ">= 1"]),
+    ("config_preset_conflict", [*DRY, "--config", "{d}/cfg_preset.yaml"], ["cfg_preset.yaml:1", "--preset toy-gmm"]),
+    ("config_missing", [*DRY, "--config", "{d}/nope.yaml"], ["--config", "nope.yaml", "does not exist"]),
+    ("config_folder", [*DRY, "--config", "{d}/empty_dir"], ["--config", "empty_dir", "folder"]),
     # -- fields the family would ignore ---------------------------------------------------
     ("toy_lora", [*DRY, "lora.rank=8"], ["lora.rank=8", "not used by the toy family", "remove it"]),
     ("toy_prompts", [*DRY, "--prompts", "{d}/p_ok.txt"], ["data.prompts", "not used by the toy family"]),
     ("toy_teacher", [*DRY, "--teacher", "{sd}"], ["teacher.path", "not used by the toy family"]),
     ("toy_preview", [*DRY, "train.preview_every=5"], ["train.preview_every=5", "toy"]),
+    ("toy_validation_prompts", [*DRY, 'train.validation_prompts=["a cat"]'],
+     ["train.validation_prompts", "not used by the toy family"]),
     ("digits_net", ["distill", "--preset", "digits", "--dry-run", "net.hidden=64"], ["net.hidden=64", "digits"]),
     ("digits_unify", ["distill", "--preset", "digits", "--dry-run", "student.unify=[1,2]"],
      ["student.unify", "digits family"]),
@@ -256,6 +283,16 @@ def test_read_only_folder_is_one_line(places, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "tdm.lock: permission denied" in err and "another path" in err
+
+
+def test_a_tracker_not_installed_is_refused_before_training(places, capsys, monkeypatch):
+    """`train.report_to=wandb` without wandb (hidden here if installed): one line naming the install, no run folder."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` finds where it is not installed
+    out = places["d"] / "o_wandb"
+    assert main(["distill", "--preset", "toy-gmm", "--output", str(out), *TINY, "train.report_to=wandb"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "train.report_to=wandb" in err and "pip install wandb" in err
+    assert not out.exists()
 
 
 def test_debug_shows_the_traceback(places, capsys):

@@ -4,6 +4,7 @@ import json
 
 import matplotlib.image
 import numpy as np
+import yaml
 
 from tdm.cli import main
 
@@ -62,3 +63,13 @@ def test_conditional_sample_with_labels(tmp_path, one_thread):
     assert main(["distill", "--preset", "toy-gmm-cond", "--output", str(run), "--no-eval", *TINY]) == 0
     assert main(["sample", str(run), "--labels", "0,2", "--n", "10", "--out", str(tmp_path / "c.npy")]) == 0
     assert np.load(tmp_path / "c.npy").shape == (20, 4)
+
+
+def test_distill_takes_a_config_file(tmp_path, capsys):
+    """`--config FILE` (the preset may come from it); overrides on the command line win over it."""
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: toy-gmm-cond\nstudent:\n  steps: 2\ntrain:\n  iterations: 7\n")
+    assert main(["distill", "--config", str(f), "--dry-run", "train.iterations=9"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["preset"] == "toy-gmm-cond" and printed["student"]["steps"] == 2
+    assert printed["train"]["iterations"] == 9

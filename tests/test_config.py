@@ -1,8 +1,11 @@
 """Typed configuration: presets and key=value overrides."""
 
 import pytest
+import yaml
 
-from tdm.config import Config, dump, resolve
+from tdm.cli import main
+from tdm.config import PRESETS, Config, dump, resolve
+from tdm.families import ONLY
 
 
 def test_overrides_set_typed_fields():
@@ -50,3 +53,40 @@ def test_unknown_preset():
 def test_bad_overrides(override, exc):
     with pytest.raises(exc):
         resolve("toy-gmm", [override])
+
+
+def test_config_file_sections_then_overrides(tmp_path):
+    """A --config file: nested sections, dotted keys and top-level fields; a text field reads its value as written
+    (YAML would make `no` False); the command line wins; a later key wins; values checked as overrides are."""
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: toy-gmm-cond\nstudent:\n  steps: 2\n  unify: [1, 2]\ntrain:\n  mixed_precision: no\n"
+                 "  iterations: 7\n  seed: 3\noptim.lr_fake: 3e-4\ntrain.seed: 4\n")
+    cfg = resolve(None, ["train.iterations=9"], config_file=f)
+    assert cfg.preset == "toy-gmm-cond" and cfg.teacher.guidance == 2.0  # the preset, from the file
+    assert cfg.student.steps == 2 and cfg.student.unify == [1, 2] and cfg.train.mixed_precision == "no"
+    assert cfg.optim.lr_fake == 3e-4 and cfg.train.seed == 4 and cfg.train.iterations == 9
+    assert resolve("toy-gmm-cond", ["student.steps=2", "student.unify=[1,2]", "train.mixed_precision=no",
+                                    "optim.lr_fake=3e-4", "train.seed=4", "train.iterations=9"]) == cfg
+    # an override fixes a value the file got wrong: the final config is what is checked
+    f.write_text("train:\n  keep_checkpoints: 0\n")
+    assert resolve("toy-gmm", ["train.keep_checkpoints=3"], config_file=f).train.keep_checkpoints == 3
+    with pytest.raises(ValueError, match=r"run.yaml:2: train.keep_checkpoints=0"):
+        resolve("toy-gmm", config_file=f)
+
+
+def test_presets_show_is_a_config_file_of_the_fields_read(tmp_path, capsys):
+    """`tdm presets --show NAME` prints what the family reads (tdm.families.ONLY) and is itself a --config file."""
+    for name in PRESETS:
+        assert main(["presets", "--show", name]) == 0
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(capsys.readouterr().out)
+        assert resolve(None, config_file=f) == resolve(name), name
+        shown = yaml.safe_load(f.read_text())
+        family, keys = shown["teacher"]["family"], {f"{s}.{k}" for s, v in shown.items() if isinstance(v, dict)
+                                                    for k in v}
+        assert {k for k, fams in ONLY.items() if family not in fams}.isdisjoint(keys), name
+        assert {k for k, fams in ONLY.items() if family in fams} <= keys, name
+        assert not {"dmd2", "consistency"} & set(shown), name  # the method that runs is tdm
+    sdxl = yaml.safe_load((tmp_path / "sdxl.yaml").read_text())
+    assert "net" not in sdxl and "mixture" not in sdxl["teacher"] and "unify" not in sdxl["student"]
+    assert sdxl["lora"]["rank"] == 64 and "validation_prompts" in sdxl["train"]

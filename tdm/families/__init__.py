@@ -35,10 +35,26 @@ ONLY = {
     "teacher.resolution": _DIFF, "teacher.frames": ("cogvideox",),
     **{f"data.{k}": _DIFF for k in ("prompts", "max_prompt_chars")},
     **{f"lora.{k}": _DIFF for k in ("enabled", "rank", "alpha", "targets")},
-    **{f"train.{k}": _DIFF for k in ("preview_every", "gradient_checkpointing", "channels_last", "compile",
-                                     "teacher_offload")},
+    **{f"train.{k}": _DIFF for k in ("preview_every", "validation_prompts", "gradient_checkpointing",
+                                     "channels_last", "compile", "teacher_offload")},
     **{f"eval.{k}": LOCAL_MODEL_FAMILIES for k in ("clip", "features", "real_images", "teacher_steps", "batch_size")},
 }
+
+
+def fields_read(cfg: Config) -> dict:
+    """`cfg` as a nested dict without the fields its family never reads (ONLY) and the sections of methods that do
+    not run: what `tdm presets --show` prints, itself a valid `--config` file."""
+    from ..methods.base import method_names
+
+    d = cfg.to_dict()
+    for key, families in ONLY.items():
+        section, name = key.split(".")
+        if cfg.teacher.family not in families:
+            del d[section][name]
+    for name in method_names():
+        if name != cfg.method:
+            del d[name]
+    return {k: v for k, v in d.items() if v != {}}
 
 
 def family_class(name: str):
@@ -68,8 +84,14 @@ def check_inputs(cfg: Config, dry: bool = False) -> None:
     cls = family_class(family)
     if family in LOCAL_MODEL_FAMILIES:
         check_eval_section(cfg)
+    if cfg.train.validation_prompts and not cfg.train.preview_every:
+        raise ValueError("train.validation_prompts are sampled at preview steps: set train.preview_every=N")
     if cfg.optim.adam_8bit and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes")
+    tracker = cfg.train.report_to
+    if tracker != "none" and importlib.util.find_spec(tracker) is None:
+        raise ValueError(f"train.report_to={tracker} needs the {tracker} package: pip install {tracker}, or set "
+                         "train.report_to=none")
     cls.check_inputs(cfg, dry)
 
 

@@ -25,6 +25,7 @@ from .. import check_grids
 from ..base import Family
 from .lora import LoRARoles, RoleNet
 from .prompts import cached_embeddings, read_prompts
+from .quiet import quiet_loading
 
 
 def scheduler_config(path: Path) -> dict:
@@ -145,11 +146,19 @@ class DiffusersFamily(Family):
         check_grids(cfg, self.schedule)
         # Prompts first: the text encoders (T5-XXL alone holds 9 GiB in bf16) are gone before the network loads.
         prompts = read_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
+        validation = [" ".join(p.split()) for p in cfg.train.validation_prompts]
         cache = Path(run_dir) if run_dir is not None else self.path
-        emb = cached_embeddings(prompts, lambda p: self.encode_prompts(self.path, p), cache,
-                                key=f"{self.path.resolve()}:{type(self).__name__}:{dtype}")
+
+        def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+            with quiet_loading():
+                return self.encode_prompts(self.path, texts)
+
+        # rows: the training prompts, the empty prompt (index len(prompts)), then the validation prompts
+        emb = cached_embeddings(prompts, encode, cache, key=f"{self.path.resolve()}:{type(self).__name__}:{dtype}",
+                                extra=validation)
         self.embeddings = {k: v.to(self.device) for k, v in emb.items()}
         self.prompts = prompts
+        self.validation_prompts = validation
         self.base = self._load_network(dtype)
         self.roles = None
         if cfg.lora.enabled:
@@ -160,8 +169,9 @@ class DiffusersFamily(Family):
 
     def _load_network(self, dtype: torch.dtype) -> nn.Module:
         """The teacher's network from its folder, frozen, in `dtype`, on the CPU, with the run's switches."""
-        net = self.network_class.from_pretrained(self.path, subfolder=self.network_folder, local_files_only=True,
-                                                 dtype=dtype).requires_grad_(False)
+        with quiet_loading():
+            net = self.network_class.from_pretrained(self.path, subfolder=self.network_folder, local_files_only=True,
+                                                     dtype=dtype).requires_grad_(False)
         if self.cfg.train.gradient_checkpointing:
             net.enable_gradient_checkpointing()
         if self.cfg.train.channels_last and self.network_folder == "unet":
@@ -175,9 +185,12 @@ class DiffusersFamily(Family):
 
         lc = self.cfg.lora
         targets = lc.targets or list(self.lora_targets)
-        for role in role_names(self.cfg):
-            self.base.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, target_modules=targets,
-                                             init_lora_weights="gaussian"), adapter_name=role)
+        with warnings.catch_warnings():
+            # peft warns from the second adapter on that the model holds several: here that is the design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            for role in role_names(self.cfg):
+                self.base.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, target_modules=targets,
+                                                 init_lora_weights="gaussian"), adapter_name=role)
         for name, p in self.base.named_parameters():
             if "lora_" in name:  # trainable now: data-parallel wrappers register what requires grad
                 p.data = p.data.float()
@@ -233,7 +246,8 @@ class DiffusersFamily(Family):
 
             folder = self.path / "vae"
             cls = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
-            self._vae = cls.from_pretrained(folder, local_files_only=True, dtype=self.dtype).to(self.device).eval()
+            with quiet_loading():
+                self._vae = cls.from_pretrained(folder, local_files_only=True, dtype=self.dtype).to(self.device).eval()
         return self._vae
 
     @torch.no_grad()
@@ -244,13 +258,15 @@ class DiffusersFamily(Family):
         return torch.cat([(self.vae.decode(zi[None]).sample / 2 + 0.5).clamp(0, 1).float().cpu() for zi in z])
 
     def preview(self, student: Denoiser, grid_of, path: Path, n_prompts: int = 4, Ks=(1, 2, 4)) -> torch.Tensor:
-        """Fixed prompts and noise, the student at each K, decoded: one row per K; returns the image (3, H, W)."""
+        """Fixed prompts and noise, the student at each K, decoded: one row per K; returns the image (3, H, W). The
+        prompts are `train.validation_prompts` when given (all of them), else the first `n_prompts` training ones."""
         from ...core.samplers import sample_student
 
         g = torch.Generator().manual_seed(0)
-        n = min(n_prompts, len(self.prompts))
+        first, n = (len(self.prompts) + 1, len(self.validation_prompts)) if self.validation_prompts else (
+            0, min(n_prompts, len(self.prompts)))
         x_T = torch.randn(self.sample_shape(n), generator=g).to(self.device)
-        cond = self._cond(torch.arange(n, device=self.device))
+        cond = self._cond(torch.arange(first, first + n, device=self.device))
         rows = [self.decode(sample_student(student, x_T, grid_of(K), cond)) for K in Ks]
         image = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # K rows x n prompts
         _save_image(image, path)

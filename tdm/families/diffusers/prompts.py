@@ -84,18 +84,20 @@ def _jsonl_prompts(path: Path, lines: list[str]) -> list:
 
 
 def cached_embeddings(prompts: list[str], encode: Callable[[list[str]], dict[str, torch.Tensor]],
-                      cache_dir: str | Path, key: str) -> dict[str, torch.Tensor]:
-    """Encode every prompt (and the empty prompt, last) once; reuse the file on later runs.
+                      cache_dir: str | Path, key: str, extra: list[str] = ()) -> dict[str, torch.Tensor]:
+    """Encode every prompt, the empty prompt after them, then the `extra` prompts (validation) once, in one load of
+    the encoders; reuse the file on later runs.
 
     `encode` maps all prompts to a dict of tensors with the batch on dim 0 (it loads the text
     encoders, batches, and lets them go when it returns); `key` names the
     encoder (teacher folder and family) so a cache is never reused for another model.
     """
-    digest = hashlib.sha256(("\n".join(prompts) + "\0" + key).encode()).hexdigest()[:16]
+    text = "\n".join(prompts) + "\0" + key + ("\0" + "\n".join(extra) if extra else "")  # no extra: as before
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"prompt_embeddings_{digest}.safetensors"
     if path.exists():
         return load_file(str(path))
-    out = {k: v.contiguous() for k, v in encode(prompts + [""]).items()}
+    out = {k: v.contiguous() for k, v in encode(prompts + [""] + list(extra)).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(out, path)
     return out

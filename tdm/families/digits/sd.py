@@ -54,7 +54,9 @@ class DigitsSDFamily(SD15Family):
     def __init__(self, cfg: Config, device: torch.device | str = "cpu", run_dir: str | Path | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__(self._resolved(cfg), device, run_dir, dtype)
-        self.labels = torch.tensor([prompt_label(p) for p in self.prompts] + [NULL_LABEL], device=self.device)
+        # rows as the embeddings': the training prompts, the empty prompt, the validation prompts (previews only)
+        self.labels = torch.tensor([prompt_label(p) for p in self.prompts] + [NULL_LABEL] * (
+            1 + len(self.validation_prompts)), device=self.device)
 
     @staticmethod
     def probe_cond(net_config, n: int) -> dict[str, torch.Tensor]:
