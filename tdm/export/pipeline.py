@@ -18,6 +18,7 @@ import torch
 from ..errors import RunError
 from ..families import DIFFUSERS, family_class
 from ..families.diffusers.base import scheduler_config
+from ..families.diffusers.quiet import quiet_loading
 from ..files import read_json, save_tensors, write_json, write_text
 from ..run import load_run, run_config
 from .card import FILES, lora_metadata, model_card
@@ -168,7 +169,8 @@ def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference
                                 "--inference FILE)")
     spec = read_json(inference)
     lora_file = _lora_file(lora) if lora is not None else None
-    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True, dtype=dtype)
+    with quiet_loading():  # the loading bars; the caller prints what it wrote
+        pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True, dtype=dtype)
     pipe.scheduler = build_inference_scheduler(spec["scheduler"])
     if lora_file is not None and hasattr(pipe, "load_lora_weights"):
         pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="tdm")
