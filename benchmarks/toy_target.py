@@ -1,7 +1,7 @@
 """What it takes for TDM's 4-step student to reach the toy-gmm quality target: at most 1.5x the energy distance of
 the teacher's honest many-step reference (a second draw of the exact reference sampler, compare.py's `teacher_law`).
 
-    python benchmarks/toy_target.py [--seeds 3] [--points 4] [--only NAME,...]
+    python benchmarks/toy_target.py [--seeds 3] [--points 4] [--only "NAME;..."]
 
 Each row is TDM at K=4 on `toy-gmm` with the preset's settings plus the row's overrides (longer training, the demo's
 cosine schedule with warm-up, EMA, learning rates), 3 training seeds from one shared teacher fit, measured along the
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--points", type=int, default=4, help="measurements along each run")
-    p.add_argument("--only", default="", help="comma-separated row names (default: all); added to the JSON's rows")
+    p.add_argument("--only", default="", help="row names separated by ; (default: all); added to the JSON's rows")
     p.add_argument("--out", default="benchmarks/results/toy-target.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # tiny MLPs: one thread is fastest and makes runs repeatable
-    rows = {k: v for k, v in ROWS.items() if not args.only or k in args.only.split(",")}
+    rows = {k: v for k, v in ROWS.items() if not args.only or k in args.only.split(";")}
     work = Path(tempfile.mkdtemp(prefix="tdm-target-"))
     out_path = Path(args.out)
     try:
