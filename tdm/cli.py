@@ -189,7 +189,7 @@ def _sample(args) -> int:
     device, dtype = _device_dtype(args)
     r = run.load_run(args.run_dir, device, dtype)
     n = 1000 if args.n is None else args.n
-    g = torch.Generator().manual_seed(args.seed)  # the same samples on any device
+    g = torch.Generator().manual_seed(args.seed)  # the same start noise and conditions on any device
     labels = labels.repeat_interleave(n) if labels is not None else None
     n = len(labels) if labels is not None else n
     x_T, cond, uncond = r.draw(n, g, labels)
