@@ -44,6 +44,7 @@ class StudentConfig:
     grid_N: int = 900                      # N of the demo grid
     grid_shift: float = 2.0                # shift of the 'shifted' grid
     unify: list[int] = field(default_factory=list)  # TDM-unify: draw K from this set, K-conditioned (§6)
+    guidance_embedding: float = 0.0       # FLUX.1-dev: the student's (and fake's) guidance input; 0 = teacher.guidance
     stochastic: bool = False               # re-noise with fresh noise between steps instead of eps_hat, in
                                            # training (TDM's rollout and next point) as in sampling (§2)
 
@@ -252,6 +253,25 @@ PRESETS: dict[str, dict] = {
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
         "train": {"iterations": 500, "batch_size": 1, **_DIFFUSERS_TRAIN, "checkpoint_every": 50},
     },
+    # FLUX.1: the paper and TDM-METHOD give no recipe; these carry SD3's (flow, §5): no importance weight, fake
+    # anchor 0.02, lrs 2e-6 / 2e-5, 500 iterations, with batch 2 for a 12B network. dev: its guidance embedding at
+    # diffusers' default 3.5 (one call, no CFG pass), grid shift 3 ~ e^1.15, the teacher's own shift at 1024 px.
+    "flux-dev": {
+        "teacher": {"family": "flux", "guidance": 3.5, "resolution": 1024},
+        "student": {"grid": "shifted", "grid_shift": 3.0},
+        "tdm": {"importance_weight": "none", "fake_anchor": 0.02},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"iterations": 500, "batch_size": 2, **_DIFFUSERS_TRAIN},
+    },
+    # schnell: no guidance embedding and timestep-distilled to sample without CFG (guidance 1); it samples unshifted
+    # uniform sigmas, hence the trailing grid (its own 4-step grid).
+    "flux-schnell": {
+        "teacher": {"family": "flux", "guidance": 1.0, "resolution": 1024},
+        "student": {"grid": "trailing"},
+        "tdm": {"importance_weight": "none", "fake_anchor": 0.02},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"iterations": 500, "batch_size": 2, **_DIFFUSERS_TRAIN},
+    },
 }
 
 
@@ -400,7 +420,7 @@ def resolve(preset: str | None, overrides: list[str] | None = None, config_file:
     return cfg
 
 
-FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox", "digits-sd")
+FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox", "digits-sd", "flux")
 CHOICES = {
     "teacher.family": FAMILIES,
     "teacher.beta_schedule": BETA_SCHEDULES,
@@ -429,7 +449,7 @@ RANGES = {
     "train.seed": (0, 2**32 - 1), "train.checkpoint_every": (1, None), "train.keep_checkpoints": (1, None),
     "train.log_every": (1, None), "train.preview_every": (0, None), "train.eval_samples": (0, None),
     "train.max_nonfinite_skips": (0, None), "eval.batch_size": (1, None),
-    "consistency.skip": (1, None),
+    "consistency.skip": (1, None), "student.guidance_embedding": (0, None),
 }
 HINTS = {"teacher.guidance": " (the CFG scale w; 1 = no guidance)", "student.steps": " (K, the student's steps)",
          "train.keep_checkpoints": " (the newest complete checkpoint is always kept)",

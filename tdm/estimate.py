@@ -165,7 +165,8 @@ def phase_bytes(cfg: Config, family_cls) -> dict[str, int]:
     backward (the trainer turns autocast's cache off, so no cast outlives its pass)."""
     t, tr = cfg.teacher, cfg.train
     key = (family_cls, t.path, t.resolution, t.frames, _lora_spec(cfg, family_cls), tr.mixed_precision)
-    B, n_teacher = tr.batch_size, 2 * tr.batch_size if t.guidance != 1 else tr.batch_size
+    B = tr.batch_size
+    n_teacher = family_cls.guided_rows(t.path) * B if t.guidance != 1 else B
     forward, saved, backward = grad_pass(*key, tr.gradient_checkpointing, B)
     fake = no_grad_pass(*key, "fake", B)  # the student's rollout call is the same network at <= B rows
     anchor = no_grad_pass(*key, "teacher", B) if cfg.tdm.fake_anchor > 0 else 0

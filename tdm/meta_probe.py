@@ -90,8 +90,9 @@ class GPUSemantics(TorchFunctionMode):
         elif dtype is not None:
             args, kwargs = self._cast(args, dtype), {k: self._cast(v, dtype) for k, v in kwargs.items()}
         if func is F.scaled_dot_product_attention:
-            q, k, v, *rest = args
-            mask = rest[0] if rest else kwargs.get("attn_mask")
+            # positional or by name (diffusers' attention dispatcher, FLUX's attention, names them)
+            q, k, v, mask = (args[i] if len(args) > i else kwargs.get(n)
+                             for i, n in enumerate(("query", "key", "value", "attn_mask")))
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, kwargs.get("is_causal", False), attn_mask=mask, scale=kwargs.get("scale"))[0]
         return func(*args, **kwargs)

@@ -12,7 +12,7 @@ import torch
 from family_harness import lora_run, moved_student, teacher_folder
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_pipelines import make_cogvideox, make_pixart, make_sd3, make_sd15, make_sdxl
+from tiny_pipelines import make_cogvideox, make_flux, make_pixart, make_sd3, make_sd15, make_sdxl
 
 from tdm.export.pipeline import export_run, load_pipeline
 from tdm.export.scheduler import build_inference_scheduler
@@ -24,9 +24,12 @@ FAMILIES = {  # name: (preset, builder, extra overrides, pipeline call arguments
     "pixart": ("pixart-512", make_pixart, (), {"use_resolution_binning": False, "height": 64, "width": 64}),
     "sd3": ("sd3", make_sd3, (), {}),
     "cogvideox": ("cogvideox-2b", make_cogvideox, ("teacher.frames=9",), {"num_frames": 9, "height": 64, "width": 64}),
+    "flux": ("flux-dev", make_flux, (), {"height": 64, "width": 64}),
 }
 TIMESTEPS = {"sd15": [899, 674, 449, 224], "sdxl": [899, 674, 449, 224], "pixart": [899, 674, 449, 224],
-             "sd3": [999.0, 899.0, 749.0, 499.0], "cogvideox": [999, 856, 665, 399]}  # the presets' 4-step grids
+             "sd3": [999.0, 899.0, 749.0, 499.0], "cogvideox": [999, 856, 665, 399],
+             "flux": [999.0, 899.0, 749.0, 499.0]}  # the presets' 4-step grids
+GUIDANCE = {"flux": 3.5}  # the pipeline's guidance_scale: FLUX.1-dev's embedding at the preset's scale; else 1
 PIPE_ARGS = {"prompt_embeds": "prompt_embeds", "pooled": "pooled_prompt_embeds",
              "prompt_attention_mask": "prompt_attention_mask"}  # condition -> the pipeline's argument
 
@@ -93,7 +96,7 @@ def test_export_in_stock_diffusers(trained, tmp_path, one_thread, fmt):
         return
     out = export_run(run, fmt, tmp_path / fmt)
     spec = json.loads((out / "tdm_inference.json").read_text())
-    assert spec["timesteps"] == TIMESTEPS[name] and spec["guidance_scale"] == 1.0
+    assert spec["timesteps"] == TIMESTEPS[name] and spec["guidance_scale"] == GUIDANCE.get(name, 1.0)
     card = (out / "README.md").read_text()
     lora_file = _lora_file(out)
     assert (lora_file is None) == (fmt == "full")
@@ -103,7 +106,8 @@ def test_export_in_stock_diffusers(trained, tmp_path, one_thread, fmt):
         assert meta["tdm.base_model_path"] == str(teacher.resolve()) and meta["tdm.rank"] == "4"
         assert meta["tdm.alpha"] == "8.0" and meta["tdm.alpha_folded"] == "true"
         assert meta["tdm.student_steps"] == "4" and json.loads(meta["tdm.timesteps"]) == spec["timesteps"]
-        assert meta["tdm.guidance_scale"] == "1.0" and meta["tdm.scheduler_class"] == spec["scheduler"]["class_name"]
+        assert meta["tdm.guidance_scale"] == str(GUIDANCE.get(name, 1.0))
+        assert meta["tdm.scheduler_class"] == spec["scheduler"]["class_name"]
         assert all(float(v) == lora[k.replace(".alpha", ".lora_down.weight")].shape[0]  # alpha / rank = 1
                    for k, v in lora.items() if k.endswith(".alpha"))
         assert json.loads(meta["tdm.comfyui_sigmas"])[-1] == 0 and "| student steps | 4 |" in card
@@ -120,7 +124,7 @@ def test_export_in_stock_diffusers(trained, tmp_path, one_thread, fmt):
     scope = {}
     exec("\n".join(setup), scope)  # noqa: S102 -- the card's code, as a user runs it
     pipe, kwargs = scope["pipe"], scope["kwargs"]
-    assert kwargs == {"guidance_scale": 1.0, **spec["scheduler"]["set_timesteps_kwargs"]}
+    assert kwargs == {"guidance_scale": GUIDANCE.get(name, 1.0), **spec["scheduler"]["set_timesteps_kwargs"]}
     total = 0 if lora_file is None else _modules_in(lora)
     attached = _attached(pipe)
     if name == "pixart" and lora_file:  # the card merges peft's adapter into the weights: count before the merge
@@ -163,6 +167,11 @@ MMDIT = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "x_block.a
 PIXART_BLOCK = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
                 "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")  # pixart_to_diffusers' block weights
 
+FLUX_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+               "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj", "ff.net.2",
+               "ff_context.net.0.proj", "ff_context.net.2")  # flux_to_diffusers' double-block weights
+FLUX_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out")  # and single-block ones
+
 
 def comfyui_key_map(name: str, net) -> dict[str, list[tuple[str, int | None]]]:
     weights = {k.removesuffix(".weight") for k in net.state_dict() if k.endswith(".weight")}
@@ -190,6 +199,12 @@ def comfyui_key_map(name: str, net) -> dict[str, list[tuple[str, int | None]]]:
                     to = [(b + p, j * rows if len(parts) == 3 else None) for j, p in enumerate(parts)]
                     key_map[f"lora_unet_joint_blocks_{i}_{mmdit.replace('.', '_')}"] = to
                     key_map[f"diffusion_model.joint_blocks.{i}.{mmdit}"] = to
+    if name == "flux":  # flux_to_diffusers: these diffusers names, onto ComfyUI's fused qkv / linear1 rows
+        singles = [f"single_transformer_blocks.{i}." for i in range(len(net.single_transformer_blocks))]
+        for k in [b + s for b in blocks for s in FLUX_DOUBLE] + [b + s for b in singles for s in FLUX_SINGLE]:
+            if k in weights:
+                key_map[f"transformer.{k}"] = key_map[f"lora_transformer_{k.replace('.', '_')}"] = [(k, None)]
+                key_map[f"lycoris_{k.replace('.', '_')}"] = [(k, None)]
     if name == "pixart":
         for k in (b + s for b in blocks for s in PIXART_BLOCK if b + s in weights):
             key_map[f"transformer.{k}"] = key_map[f"base_model.model.{k}"] = [(k, None)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from family_harness import eval_models, overrides, teacher_folder, train
 from PIL import Image
-from tiny_pipelines import make_cogvideox, make_pixart, make_sd3, make_sd15, make_sdxl
+from tiny_pipelines import make_cogvideox, make_flux, make_pixart, make_sd3, make_sd15, make_sdxl
 
 from tdm import config
 from tdm.estimate import static_bytes
@@ -18,6 +18,7 @@ FAMILIES = {  # name: (preset, builder, extra overrides)
     "pixart": ("pixart-512", make_pixart, ()),
     "sd3": ("sd3", make_sd3, ()),
     "cogvideox": ("cogvideox-2b", make_cogvideox, ("teacher.frames=9",)),
+    "flux": ("flux-dev", make_flux, ()),
 }
 
 

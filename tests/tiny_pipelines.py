@@ -647,6 +647,39 @@ def make_cogvideox(path) -> Path:
     return _finish(pipe, path, {"tokenizer": tok})
 
 
+def make_flux(path, guidance_embeds: bool = True) -> Path:
+    """FLUX.1-dev-like FluxPipeline (CLIP pooled + T5, double- and single-stream blocks, packed latents, flow with
+    dynamic shifting); `guidance_embeds=False`: FLUX.1-schnell-like (no guidance embedding, no shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    path = _prepare(path)
+    with _seeded():
+        tok = make_clip_tokenizer()
+        tok_2 = make_t5_tokenizer()
+        text_encoder = _clip_text(tok, 32)
+        text_encoder_2 = _t5_encoder(tok_2, 48)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,  # 16 latent channels x a 2x2 patch
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=48,  # = T5 d_model
+            pooled_projection_dim=32,  # = CLIP's pooled output
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(2, 2, 4),  # sums to attention_head_dim
+        ).eval()
+        vae = _vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+        dynamic = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                       max_image_seq_len=4096)  # FLUX.1-dev's scheduler config
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0 if guidance_embeds else 1.0,
+                                                    **(dynamic if guidance_embeds else {}))
+        pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                            text_encoder_2=text_encoder_2, tokenizer_2=tok_2, transformer=transformer)
+    return _finish(pipe, path, {"tokenizer": tok, "tokenizer_2": tok_2})
+
+
 # name -> (builder, pipeline class name as recorded in model_index.json)
 FAMILIES = {
     "sd15": (make_sd15, "StableDiffusionPipeline"),

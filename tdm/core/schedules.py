@@ -8,6 +8,7 @@ mean the same thing for both.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +163,24 @@ class FlowSchedule(Schedule):
             raise ValueError(f"shift must be positive, got {shift}")
         self.shift = float(shift)
         self.T = num_train_timesteps
+
+    @classmethod
+    def from_config(cls, config: dict, image_seq_len: int) -> "FlowSchedule":
+        """A FlowMatchEulerDiscreteScheduler config as the schedule the teacher samples on. Dynamic shifting (FLUX)
+        is a shift as well: `time_shift(mu, 1, sigma) = e^mu sigma / (1 + (e^mu - 1) sigma)`, with `mu` linear in
+        the image's token count as the pipeline's `calculate_shift` sets it, so the resolution fixes it."""
+        if config.get("shift_terminal") or config.get("invert_sigmas"):
+            raise ValueError("scheduler_config.json: shift_terminal / invert_sigmas are not supported")
+        T = config.get("num_train_timesteps", 1000)
+        if not config.get("use_dynamic_shifting"):
+            return cls(shift=config.get("shift", 1.0), num_train_timesteps=T)
+        if config.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError(f"scheduler_config.json: time_shift_type={config['time_shift_type']!r} is not "
+                             "supported (only 'exponential', FLUX's)")
+        lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        shift_lo, shift_hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        mu = shift_lo + (shift_hi - shift_lo) * (image_seq_len - lo) / (hi - lo)
+        return cls(shift=math.exp(mu), num_train_timesteps=T)
 
     def alpha(self, t):
         return 1 - self.check_t(t) / self.T

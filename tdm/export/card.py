@@ -80,8 +80,10 @@ def model_card(family, cfg, spec: dict, fmt: str, out: Path, lora_file: str | No
     timesteps = spec["timesteps"] if flow else spec["scheduler"]["set_timesteps_kwargs"]["timesteps"]  # VP: integers
     lines = [f"# {base.name}: a {K}-step TDM student", "",
              f"Distilled from `{base}` ({pipeline}) by Trajectory Distribution Matching with tdm. Classifier-free "
-             f"guidance is distilled in: sample with guidance 1 and the scheduler below ({kind} on the student's "
-             f"exact timesteps), which reproduces the library's own {K}-step sampler.", "",
+             f"guidance is distilled in: sample with guidance {spec['guidance_scale']:g}"
+             f"{' (the guidance embedding the student was trained at)' if spec['guidance_scale'] != 1 else ''} and "
+             f"the scheduler below ({kind} on the student's exact timesteps), which reproduces the library's own "
+             f"{K}-step sampler.", "",
              "| | |", "|---|---|", f"| student steps | {K} |", f"| timesteps | {timesteps} |",
              f"| guidance scale | {spec['guidance_scale']} |",
              f"| scheduler | `{kind}`, config below and in `tdm_inference.json` |"]
@@ -115,9 +117,12 @@ def model_card(family, cfg, spec: dict, fmt: str, out: Path, lora_file: str | No
         # library from noise; the model sees the ratio of the two.
         top = timesteps[0] == spec["scheduler"]["config"]["num_train_timesteps"] - 1
         start = sigmas[0] if flow else 1.0 if top else sigmas[0] / math.sqrt(1 + sigmas[0] ** 2)
+        g = spec["guidance_scale"]
+        embedded = f" (guidance embedding: FluxGuidance {g:g} on the conditioning)" if g != 1 else ""
         units = f"t / {spec['scheduler']['config']['num_train_timesteps']}" if flow else "sqrt((1 - abar_t) / abar_t)"
         lines += [f"Load `{lora_file}` with LoraLoaderModelOnly (strength 1.0) on the teacher's checkpoint, and "
-                  "sample with SamplerCustom: cfg 1.0, sampler `euler` (on these sigmas its step is the student's) "
+                  f"sample with SamplerCustom: cfg 1.0{embedded}, sampler `euler` (on these sigmas its step is the "
+                  "student's) "
                   f"and the student's sigmas in ComfyUI's units ({units} at the timesteps above, then 0; core "
                   "ComfyUI has no node that types sigmas in, a custom node that does feeds the `sigmas` input):", "",
                   "    " + ", ".join(f"{s:.8g}" for s in sigmas), "",

@@ -45,7 +45,7 @@ def inference_spec(run) -> dict:
         "pipeline_class": fam.pipeline_class,
         "steps": K,
         "timesteps": grid[:-1],
-        "guidance_scale": 1.0,
+        "guidance_scale": fam.inference_guidance,
         "lora_scale": 1.0,
         "scheduler": inference_scheduler(train_config, grid, kind, vp_scheduler=fam.vp_scheduler),
     }

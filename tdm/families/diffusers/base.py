@@ -55,6 +55,8 @@ class DiffusersFamily(Family):
     # checks it): the pipeline's LoRA loader (PixArt: peft's), and ComfyUI core's LoRA key map (() = no such model).
     diffusers_reads: tuple[str, ...] = ("diffusers", "kohya")
     comfyui_reads: tuple[str, ...] = ("kohya",)
+    inference_guidance = 1.0             # the exported pipeline's guidance_scale: CFG is distilled in (FLUX.1-dev:
+                                         # the student's guidance embedding)
 
     # -- hooks ---------------------------------------------------------------------------
     @property
@@ -90,6 +92,11 @@ class DiffusersFamily(Family):
 
         prefixed = {f"{cls.network_folder}.{k}": v for k, v in lora.items()}
         return {k: v.contiguous() for k, v in convert_state_dict_to_kohya(prefixed).items()}
+
+    @classmethod
+    def guided_rows(cls, path: str) -> int:
+        """Network rows per sample of a guided teacher call: cond and uncond (FLUX.1-dev: one, the embedding)."""
+        return 2
 
     # -- shared machinery -----------------------------------------------------------------
     @classmethod
