@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 
-LOCAL_MODEL_FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "cogvideox")  # measured with models the eval section names
+# measured with models the eval section names
+LOCAL_MODEL_FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "cogvideox", "wan")
 EVALUATORS = {  # family -> (module, class)
     "toy": ("toy", "ToyEvaluator"),
     "digits": ("digits", "DigitsEvaluator"),
