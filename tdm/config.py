@@ -20,6 +20,7 @@ class TeacherConfig:
     path: str = ""                         # teacher folder (diffusers layout; 'digits' = the committed one)
     resolution: int = 512                  # diffusers teachers: image side in pixels
     frames: int = 49                       # video teachers: frames per sample
+    width: int = 0                         # Wan: width in pixels (resolution is the height); 0 = square
     mixture: str = "ring8"                 # toy: embedded mixture name or a YAML/JSON file
     beta_schedule: str = "scaled_linear"   # VP betas of the toy teacher (§1)
     beta_start: float = 0.00085
@@ -40,7 +41,7 @@ class NetConfig:
 @dataclass
 class StudentConfig:
     steps: int = 4                         # K, the student's number of steps (§2)
-    grid: str = "demo"                     # 'demo' (k*N/K - 1), 'trailing' or 'shifted' (§2)
+    grid: str = "demo"                     # 'demo' (k*N/K - 1), 'trailing', 'shifted' (§2) or 'linear' (flow)
     grid_N: int = 900                      # N of the demo grid
     grid_shift: float = 2.0                # shift of the 'shifted' grid
     unify: list[int] = field(default_factory=list)  # TDM-unify: draw K from this set, K-conditioned (§6)
@@ -272,6 +273,24 @@ PRESETS: dict[str, dict] = {
         "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
         "train": {"iterations": 500, "batch_size": 2, **_DIFFUSERS_TRAIN},
     },
+    # Wan 2.1 T2V. The paper gives no Wan recipe: these are the sd3 preset's flow choices (no importance weight,
+    # the fake anchor, lrs 2e-6 / 2e-5, §5), CFG 5 (Wan's own sampling default), the teachers' native size and 81
+    # frames, batch 1 as cogvideox-2b. Grid 'linear' (t_k = T k / K): WanPipeline passes no sigmas, and it is the
+    # one grid a stock flow-match scheduler makes from K (tdm.export.scheduler).
+    "wan-1.3b": {
+        "teacher": {"family": "wan", "guidance": 5.0, "resolution": 480, "width": 832, "frames": 81},
+        "student": {"grid": "linear"},
+        "tdm": {"importance_weight": "none", "fake_anchor": 0.02},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"iterations": 500, "batch_size": 1, **_DIFFUSERS_TRAIN, "checkpoint_every": 50},
+    },
+    "wan-14b": {
+        "teacher": {"family": "wan", "guidance": 5.0, "resolution": 720, "width": 1280, "frames": 81},
+        "student": {"grid": "linear"},
+        "tdm": {"importance_weight": "none", "fake_anchor": 0.02},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"iterations": 500, "batch_size": 1, **_DIFFUSERS_TRAIN, "checkpoint_every": 50},
+    },
 }
 
 
@@ -420,7 +439,7 @@ def resolve(preset: str | None, overrides: list[str] | None = None, config_file:
     return cfg
 
 
-FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox", "digits-sd", "flux")
+FAMILIES = ("toy", "digits", "sd15", "sdxl", "pixart", "sd3", "cogvideox", "digits-sd", "flux", "wan")
 CHOICES = {
     "teacher.family": FAMILIES,
     "teacher.beta_schedule": BETA_SCHEDULES,
@@ -439,7 +458,8 @@ CHOICES = {
 }
 # (lowest, highest) allowed; None: unbounded; an open bound is written as a predicate. Every number is also finite.
 RANGES = {
-    "teacher.resolution": (1, None), "teacher.frames": (1, None), "teacher.guidance": (1, None),
+    "teacher.resolution": (1, None), "teacher.frames": (1, None), "teacher.width": (0, None),
+    "teacher.guidance": (1, None),
     "net.hidden": (2, None), "net.depth": (0, None), "net.pretrain_steps": (1, None), "net.pretrain_batch": (1, None),
     "student.steps": (1, None), "student.grid_N": (1, None), "data.max_prompt_chars": (1, None),
     "lora.rank": (1, None), "tdm.tau_min": (0, None), "tdm.tau_margin": (0, None), "tdm.randmid_margin": (0, None),

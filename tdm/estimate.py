@@ -23,6 +23,7 @@ from .meta_probe import (
     bare_family,
     decode_pass,
     grad_pass,
+    kept_in_fp32,
     meta_model,
     meta_net,
     no_grad_pass,
@@ -79,8 +80,9 @@ def module_bytes(net, dtype: torch.dtype) -> int:
     they are."""
     size = torch.empty((), dtype=dtype).element_size()
     made = {id(b) for m in net.modules() for k, b in m._buffers.items() if k in m._non_persistent_buffers_set}
-    return sum(t.numel() * (size if t.is_floating_point() and id(t) not in made else t.element_size())
-               for t in [*net.parameters(), *net.buffers()])
+    return sum(t.numel() * (t.element_size() if not t.is_floating_point() or id(t) in made else
+                            max(size, 4) if kept_in_fp32(net, name) else size)
+               for name, t in [*net.named_parameters(), *net.named_buffers()])
 
 
 def text_encoder_folders(path: Path) -> list[Path]:
@@ -114,7 +116,7 @@ def _name(precision: str) -> str:
 
 
 def _latent_shape(cfg: Config, family_cls) -> tuple:
-    fam = bare_family(family_cls, cfg.teacher.path, cfg.teacher.resolution, cfg.teacher.frames)
+    fam = bare_family(family_cls, cfg.teacher.path, cfg.teacher.resolution, cfg.teacher.frames, cfg.teacher.width)
     fam.base = _template(family_cls, cfg.teacher.path)
     return tuple(fam.latent_shape())
 
@@ -167,14 +169,15 @@ def phase_bytes(cfg: Config, family_cls) -> dict[str, int]:
     key = (family_cls, t.path, t.resolution, t.frames, _lora_spec(cfg, family_cls), tr.mixed_precision)
     B = tr.batch_size
     n_teacher = family_cls.guided_rows(t.path) * B if t.guidance != 1 else B
-    forward, saved, backward = grad_pass(*key, tr.gradient_checkpointing, B)
-    fake = no_grad_pass(*key, "fake", B)  # the student's rollout call is the same network at <= B rows
-    anchor = no_grad_pass(*key, "teacher", B) if cfg.tdm.fake_anchor > 0 else 0
+    w = t.width  # Wan's; a keyword, so that the other families' cached passes keep their keys
+    forward, saved, backward = grad_pass(*key, tr.gradient_checkpointing, B, width=w)
+    fake = no_grad_pass(*key, "fake", B, width=w)  # the student's rollout call is the same network at <= B rows
+    anchor = no_grad_pass(*key, "teacher", B, width=w) if cfg.tdm.fake_anchor > 0 else 0
     cast = 0 if tr.mixed_precision == "no" else (DTYPES[tr.mixed_precision].itemsize
                                                  * _trainable_per_role(cfg, family_cls))
     out = {"rollout": fake,
            "fake update": cast + max(forward, saved + anchor, backward),
-           "generator update": cast + max(forward, saved + max(no_grad_pass(*key, "teacher", n_teacher), fake),
+           "generator update": cast + max(forward, saved + max(no_grad_pass(*key, "teacher", n_teacher, width=w), fake),
                                           backward)}
     latent = _latent_shape(cfg, family_cls)
     if tr.preview_every > 0 and len(latent) == 3:  # image latents; video VAEs decode chunks of frames, not probed

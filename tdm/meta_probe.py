@@ -120,15 +120,21 @@ def meta_model(folder: Path):
         return cls(cls.config_class.from_pretrained(folder, local_files_only=True))
 
 
-def bare_family(family_cls, path: str, resolution: int = 512, frames: int = 49):
+def bare_family(family_cls, path: str, resolution: int = 512, frames: int = 49, width: int = 0):
     """The family without its __init__ (nothing loaded): enough for `call`, `latent_shape` and `probe_cond`
     once `base` is set."""
     cfg = Config()
-    cfg.teacher.path, cfg.teacher.resolution, cfg.teacher.frames = path, resolution, frames
+    cfg.teacher.path, cfg.teacher.resolution, cfg.teacher.frames, cfg.teacher.width = path, resolution, frames, width
     fam = object.__new__(family_cls)
     fam.cfg, fam.path = cfg, Path(path)
     fam._rope = {}  # CogVideoX's RoPE cache, which its `call` fills
     return fam
+
+
+def kept_in_fp32(net, name: str) -> bool:
+    """diffusers' rule: a tensor under a module named in `_keep_in_fp32_modules` (Wan's norms, time embedding)
+    loads in fp32 whatever the dtype asked."""
+    return any(keep in name.split(".") for keep in getattr(net, "_keep_in_fp32_modules", None) or [])
 
 
 def meta_net(family_cls, path: str, dtype: torch.dtype = torch.float32):
@@ -139,9 +145,10 @@ def meta_net(family_cls, path: str, dtype: torch.dtype = torch.float32):
     config = json.loads((fam.path / fam.network_folder / "config.json").read_text())
     with init_empty_weights(include_buffers=True):
         net = fam.network_class.from_config(config)
-    for m in net.modules():  # as from_pretrained(dtype=...): what the module makes itself keeps its dtype
-        for k, t in [*m._parameters.items(), *m._buffers.items()]:
-            if t is not None and t.is_floating_point() and k not in m._non_persistent_buffers_set:
+    for name, m in net.named_modules():  # as from_pretrained(dtype=...): what the module makes itself keeps its
+        for k, t in [*m._parameters.items(), *m._buffers.items()]:  # dtype, and so do `_keep_in_fp32_modules`
+            if t is not None and t.is_floating_point() and k not in m._non_persistent_buffers_set \
+                    and not kept_in_fp32(net, f"{name}.{k}"):
                 t.data = t.data.to(dtype)
     return net.requires_grad_(False)
 
@@ -171,13 +178,13 @@ def probe_nets(family_cls, path: str, precision: str, lora: tuple | None) -> tup
     return base, None
 
 
-def _setup(family_cls, path, resolution, frames, lora, precision):
+def _setup(family_cls, path, resolution, frames, lora, precision, width=0):
     """The family, the fake's and the teacher's roles on the probe networks, the networks, their trainable
     parameters, and the two modes, live bytes counted from what exists now."""
     from .families.diffusers.lora import LoRARoles, RoleNet
 
     base, trainable = probe_nets(family_cls, path, precision, lora)
-    fam = bare_family(family_cls, path, resolution, frames)
+    fam = bare_family(family_cls, path, resolution, frames, width)
     fam.base, fam.roles = base, LoRARoles(base) if lora else None
     fam.dtype = torch.float32  # no autocast of the roles' own: GPUSemantics casts as CUDA's autocast would
     roles = {"fake": RoleNet(fam, base, "fake") if lora else RoleNet(fam, trainable, None),
@@ -198,10 +205,10 @@ def _inputs(fam, n: int):
 # -- the passes of one iteration --------------------------------------------------------------------
 @functools.cache
 def grad_pass(family_cls, path: str, resolution: int, frames: int, lora: tuple | None, precision: str,
-              checkpointing: bool, B: int) -> tuple[int, int, int]:
+              checkpointing: bool, B: int, width: int = 0) -> tuple[int, int, int]:
     """A trainable role's forward with grad at B rows, then its backward: (peak during the forward, bytes
     it leaves saved for backward, peak during the backward, its gradients included)."""
-    fam, roles, nets, trainable, mode, track = _setup(family_cls, path, resolution, frames, lora, precision)
+    fam, roles, nets, trainable, mode, track = _setup(family_cls, path, resolution, frames, lora, precision, width)
     for net in nets:
         net.enable_gradient_checkpointing(mode.checkpoint) if checkpointing else net.disable_gradient_checkpointing()
     with mode, track:
@@ -220,9 +227,9 @@ def grad_pass(family_cls, path: str, resolution: int, frames: int, lora: tuple |
 
 @functools.cache
 def no_grad_pass(family_cls, path: str, resolution: int, frames: int, lora: tuple | None, precision: str,
-                 role: str, n: int) -> int:
+                 role: str, n: int, width: int = 0) -> int:
     """Peak bytes of one no-grad forward of `role` ('fake' or 'teacher') at n rows."""
-    fam, roles, _, _, mode, track = _setup(family_cls, path, resolution, frames, lora, precision)
+    fam, roles, _, _, mode, track = _setup(family_cls, path, resolution, frames, lora, precision, width)
     with mode, track, torch.no_grad():
         x_t, t, cond = _inputs(fam, n)
         start = track.reset()

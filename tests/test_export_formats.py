@@ -12,7 +12,7 @@ import torch
 from family_harness import lora_run, moved_student, teacher_folder
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_pipelines import make_cogvideox, make_flux, make_pixart, make_sd3, make_sd15, make_sdxl
+from tiny_pipelines import make_cogvideox, make_flux, make_pixart, make_sd3, make_sd15, make_sdxl, make_wan
 
 from tdm.export.pipeline import export_run, load_pipeline
 from tdm.export.scheduler import build_inference_scheduler
@@ -25,10 +25,12 @@ FAMILIES = {  # name: (preset, builder, extra overrides, pipeline call arguments
     "sd3": ("sd3", make_sd3, (), {}),
     "cogvideox": ("cogvideox-2b", make_cogvideox, ("teacher.frames=9",), {"num_frames": 9, "height": 64, "width": 64}),
     "flux": ("flux-dev", make_flux, (), {"height": 64, "width": 64}),
+    "wan": ("wan-1.3b", make_wan, ("teacher.frames=9", "teacher.width=64"),
+            {"num_frames": 9, "height": 64, "width": 64}),
 }
 TIMESTEPS = {"sd15": [899, 674, 449, 224], "sdxl": [899, 674, 449, 224], "pixart": [899, 674, 449, 224],
              "sd3": [999.0, 899.0, 749.0, 499.0], "cogvideox": [999, 856, 665, 399],
-             "flux": [999.0, 899.0, 749.0, 499.0]}  # the presets' 4-step grids
+             "flux": [999.0, 899.0, 749.0, 499.0], "wan": [1000.0, 750.0, 500.0, 250.0]}  # the presets' 4-step grids
 GUIDANCE = {"flux": 3.5}  # the pipeline's guidance_scale: FLUX.1-dev's embedding at the preset's scale; else 1
 PIPE_ARGS = {"prompt_embeds": "prompt_embeds", "pooled": "pooled_prompt_embeds",
              "prompt_attention_mask": "prompt_attention_mask"}  # condition -> the pipeline's argument
@@ -53,7 +55,7 @@ def _sample(name, pipe, x_T, cond, kwargs) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     args = {PIPE_ARGS[k]: v for k, v in cond.items() if k in PIPE_ARGS}
     out = pipe(**args, latents=x_T.clone(), output_type="latent", **FAMILIES[name][3], **kwargs)
-    return out.frames if name == "cogvideox" else out.images
+    return out.frames if name in ("cogvideox", "wan") else out.images
 
 
 def _error(x, x_ours) -> tuple[float, str]:

@@ -5,12 +5,13 @@ import pytest
 import torch
 from family_harness import eval_models, overrides, teacher_folder, train
 from PIL import Image
-from tiny_pipelines import make_cogvideox, make_flux, make_pixart, make_sd3, make_sd15, make_sdxl
+from tiny_pipelines import make_cogvideox, make_flux, make_pixart, make_sd3, make_sd15, make_sdxl, make_wan
 
 from tdm import config
 from tdm.estimate import static_bytes
 from tdm.families import family_class
 from tdm.families.base import Family
+from tdm.meta_probe import kept_in_fp32
 
 FAMILIES = {  # name: (preset, builder, extra overrides)
     "sd15": ("sd15", make_sd15, ()),
@@ -19,6 +20,7 @@ FAMILIES = {  # name: (preset, builder, extra overrides)
     "sd3": ("sd3", make_sd3, ()),
     "cogvideox": ("cogvideox-2b", make_cogvideox, ("teacher.frames=9",)),
     "flux": ("flux-dev", make_flux, ()),
+    "wan": ("wan-1.3b", make_wan, ("teacher.frames=9", "teacher.width=64")),
 }
 
 
@@ -50,7 +52,7 @@ def test_eval_measures_the_run(family, models, tmp_path, one_thread):
     assert all({"clip_score", "fid_vs_teacher", "kid_vs_teacher"} <= set(e) for e in entries)
     assert all(e["clip_score"] is not None and e["fid_vs_teacher"] is not None for e in entries)
     assert Image.open(run / "grid.png").size[0] > 300 and "| student K=4 | 4 |" in (run / "report.md").read_text()
-    if preset.startswith("cogvideox"):
+    if preset.startswith(("cogvideox", "wan")):
         assert Image.open(run / "video.gif").n_frames == 9
 
 
@@ -90,7 +92,9 @@ def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path,
     trainer, hist = train(preset, tmp_path / "lora", overrides(teacher, *extra, "train.iterations=1",
                                                                "train.preview_every=1"))
     assert trainer.cfg.train.mixed_precision == "bf16" and torch.isfinite(torch.tensor(hist[0]["loss_student"]))
-    frozen = {n: p for n, p in trainer.family.base.named_parameters() if "lora_" not in n}
+    held = {n: p for n, p in trainer.family.base.named_parameters() if "lora_" not in n}
+    frozen = {n: p for n, p in held.items() if not kept_in_fp32(trainer.family.base, n)}  # diffusers keeps Wan's
+    # norms and time embedding in fp32
     lora = {n: p for n, p in trainer.family.base.named_parameters() if "lora_" in n}
     assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen.values())
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
@@ -100,11 +104,12 @@ def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path,
     # the dry run's figures are these bytes: the frozen base as held, the adapters with their two AdamW moments
     static = static_bytes(trainer.cfg, family_class(trainer.cfg.teacher.family))
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    assert static["base network (bf16)"] == nbytes([*frozen.values(), *trainer.family.base.buffers()])
+    assert static["base network (bf16)"] == nbytes([*held.values(), *trainer.family.base.buffers()])
     assert static["LoRA student + fake: fp32 weights, AdamW"] == nbytes(lora.values()) + nbytes(moments)
 
     full, _ = train(preset, tmp_path / "full", overrides(teacher, *extra, "train.iterations=1", "lora.enabled=false"))
-    assert all(p.dtype == torch.bfloat16 for p in full.family.base.parameters())
+    assert all(p.dtype == torch.bfloat16 for n, p in full.family.base.named_parameters()
+               if not kept_in_fp32(full.family.base, n))
     for net in (full.nets["student"], full.nets["fake"]):
         assert all(p.dtype == torch.float32 and p.requires_grad for p in net.parameters())
 

@@ -38,6 +38,10 @@ models' sample sizes make 64 x 64 px the default resolution):
   (B, 226, 32); AutoencoderKLCogVideoX (16 latent channels, x4 temporal); CogVideoXDDIMScheduler
   (v_prediction, zero-terminal-SNR, snr_shift_scale 3); latents (B, F_lat, 16, 8, 8) -- frames
   BEFORE channels -- with F_lat = (F - 1) // 4 + 1, e.g. 9 frames -> 3.
+- ``wan``: WanPipeline (Wan 2.1 T2V); text_encoder (UMT5EncoderModel, d_model 32); prompt_embeds
+  (B, 512, 32), zero past each prompt's tokens; AutoencoderKLWan (16 latent channels, x4 temporal,
+  latents_mean / latents_std); UniPCMultistepScheduler (flow_prediction, flow_shift 3, as Wan 2.1 ships);
+  latents (B, 16, F_lat, 8, 8) -- channels BEFORE frames -- e.g. 9 frames -> 3.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ __all__ = [
     "make_pixart",
     "make_sd3",
     "make_cogvideox",
+    "make_wan",
 ]
 
 SEED = 0
@@ -680,6 +685,42 @@ def make_flux(path, guidance_embeds: bool = True) -> Path:
     return _finish(pipe, path, {"tokenizer": tok, "tokenizer_2": tok_2})
 
 
+def make_wan(path) -> Path:
+    """Wan-2.1-T2V-1.3B-like WanPipeline (UMT5 + 3D DiT with RoPE, causal 3D VAE, flow matching)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    path = _prepare(path)
+    with _seeded():
+        tok = make_t5_tokenizer(model_max_length=512)
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=_round8(len(tok)), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)).eval()
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,  # RoPE splits it into frames 4, height 4, width 4
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,  # = UMT5 d_model
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=64,
+        ).eval()
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                               temperal_downsample=[False, True, True]).eval()
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            num_train_timesteps=1000, flow_shift=3.0)
+        pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                           scheduler=scheduler)
+    return _finish(pipe, path, {"tokenizer": tok})
+
+
 # name -> (builder, pipeline class name as recorded in model_index.json)
 FAMILIES = {
     "sd15": (make_sd15, "StableDiffusionPipeline"),
@@ -687,6 +728,7 @@ FAMILIES = {
     "pixart": (make_pixart, "PixArtAlphaPipeline"),
     "sd3": (make_sd3, "StableDiffusion3Pipeline"),
     "cogvideox": (make_cogvideox, "CogVideoXPipeline"),
+    "wan": (make_wan, "WanPipeline"),
 }
 
 

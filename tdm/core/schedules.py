@@ -15,7 +15,7 @@ import torch
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
 BETA_SCHEDULES = ("linear", "scaled_linear")
-GRID_KINDS = ("demo", "trailing", "shifted")
+GRID_KINDS = ("demo", "trailing", "shifted", "linear")
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -202,7 +202,7 @@ class FlowSchedule(Schedule):
 class GridSpec:
     """How the student's timesteps `t_K > ... > t_1 > t_0 = 0` are laid out (§2)."""
 
-    kind: str = "demo"    # 'demo' (k*N/K - 1), 'trailing' (uniform from T-1) or 'shifted'
+    kind: str = "demo"    # 'demo' (k*N/K - 1), 'trailing' (uniform from T-1), 'shifted' or 'linear' (flow: T k/K)
     N: int = 900          # top of the demo grid
     shift: float = 2.0    # for 'shifted': t_k = floor(T * warp_s(k/K)) - 1
 
@@ -223,6 +223,10 @@ def timestep_grid(K: int, spec: GridSpec = GridSpec(), T: int = 1000, discrete: 
     elif spec.kind == "shifted":
         u = k / K
         t = torch.floor(T * spec.shift * u / (1 + (spec.shift - 1) * u) + 1e-6) - 1
+    elif spec.kind == "linear":  # T k / K from pure noise: what flow-match Euler's set_timesteps(K) can make
+        if discrete:
+            raise ValueError("the linear grid starts at t = T, beyond a VP teacher's last timestep; use another grid")
+        t = T * k / K
     else:
         raise ValueError(f"unknown grid kind {spec.kind!r}; expected one of {GRID_KINDS}")
     t = torch.floor(t + 1e-6) if discrete else t

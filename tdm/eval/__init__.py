@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 # measured with models the eval section names
-LOCAL_MODEL_FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "cogvideox", "flux")
+LOCAL_MODEL_FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "cogvideox", "flux", "wan")
 EVALUATORS = {  # family -> (module, class)
     "toy": ("toy", "ToyEvaluator"),
     "digits": ("digits", "DigitsEvaluator"),

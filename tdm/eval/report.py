@@ -152,7 +152,7 @@ def write_diffusers_report(metrics: dict, path: str | Path, cfg) -> Path:
         "",
         f"{metrics['n_samples']} samples per entry on the run's prompts in file order (cycled), the same start noise "
         f"in every entry; the teacher with CFG w = {metrics['guidance']:g}, NFE counting both CFG passes."
-        + (" Videos are measured on their first frame." if cfg.teacher.family == "cogvideox" else ""),
+        + (" Videos are measured on their first frame." if cfg.teacher.family in ("cogvideox", "wan") else ""),
     ]
     if e["clip"]:
         lines.append(f"CLIP score: 100 max(cos, 0) of each image with its prompt, in the CLIP of `{e['clip']}`.")

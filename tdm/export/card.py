@@ -19,6 +19,8 @@ def comfyui_sigmas(spec: dict) -> list[float]:
     kwargs = spec["scheduler"]["set_timesteps_kwargs"]
     if "sigmas" in kwargs:
         return [*kwargs["sigmas"], 0.0]
+    if "timesteps" not in kwargs:  # a flow grid made from K (Wan)
+        return [t / spec["scheduler"]["config"]["num_train_timesteps"] for t in spec["timesteps"]] + [0.0]
     abar = build_inference_scheduler(spec["scheduler"]).alphas_cumprod.double()
     return [math.sqrt((1 - abar[t]) / abar[t]) for t in kwargs["timesteps"]] + [0.0]
 
@@ -42,7 +44,7 @@ def _snippet(family, cfg, spec: dict, fmt: str, out: Path, lora_file: str | None
     """Python that runs the student from a stock pipeline: the teacher, the LoRA, the scheduler, its timesteps."""
     sched = spec["scheduler"]
     name, config = sched["class_name"], sched["config"]
-    video = spec["pipeline_class"] == "CogVideoXPipeline"
+    video = spec["pipeline_class"] in ("CogVideoXPipeline", "WanPipeline")
     head = ["import torch", f"from diffusers import DiffusionPipeline, {name}"]
     body = ['device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)']
     if fmt == "full":
@@ -76,7 +78,7 @@ def model_card(family, cfg, spec: dict, fmt: str, out: Path, lora_file: str | No
     out, base = Path(out).resolve(), Path(cfg.teacher.path).resolve()
     K, kind, pipeline = spec["steps"], spec["scheduler"]["class_name"], spec["pipeline_class"]
     sigmas = comfyui_sigmas(spec)
-    flow = "sigmas" in spec["scheduler"]["set_timesteps_kwargs"]
+    flow = "timesteps" not in spec["scheduler"]["set_timesteps_kwargs"]
     timesteps = spec["timesteps"] if flow else spec["scheduler"]["set_timesteps_kwargs"]["timesteps"]  # VP: integers
     lines = [f"# {base.name}: a {K}-step TDM student", "",
              f"Distilled from `{base}` ({pipeline}) by Trajectory Distribution Matching with tdm. Classifier-free "
@@ -108,7 +110,7 @@ def model_card(family, cfg, spec: dict, fmt: str, out: Path, lora_file: str | No
 
     lines += ["", "## ComfyUI", ""]
     if not family.comfyui_reads:
-        lines.append(f"ComfyUI core has no {pipeline.removesuffix('Pipeline')} model.")
+        lines.append(getattr(family, "comfyui_note", f"ComfyUI core has no {pipeline.removesuffix('Pipeline')} model."))
     elif lora_file is None or fmt not in family.comfyui_reads:
         lines.append(f"ComfyUI's LoRA key map does not read this export: `tdm export --format "
                      f"{family.comfyui_reads[0]}` writes the file it reads.")

@@ -47,7 +47,9 @@ def inference_spec(run) -> dict:
         "timesteps": grid[:-1],
         "guidance_scale": fam.inference_guidance,
         "lora_scale": 1.0,
-        "scheduler": inference_scheduler(train_config, grid, kind, vp_scheduler=fam.vp_scheduler),
+        # a pipeline that passes no timesteps nor sigmas (Wan) has its family's own
+        "scheduler": fam.inference_scheduler(train_config, grid) if hasattr(fam, "inference_scheduler") else
+        inference_scheduler(train_config, grid, kind, vp_scheduler=fam.vp_scheduler),
     }
 
 
@@ -82,6 +84,7 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
             net.base.unload_lora()
         pipe = diffusers.DiffusionPipeline.from_pretrained(fam.path, local_files_only=True,
                                                           **{fam.network_folder: net.base})
+        setattr(pipe, fam.network_folder, net.base)  # WanPipeline's loader ignores a passed optional transformer
         pipe.scheduler = build_inference_scheduler(spec["scheduler"])
         out.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(out)

@@ -165,6 +165,23 @@ def inference_scheduler(train_scheduler_config: dict, grid, kind: str, *, vp_sch
             "set_timesteps_kwargs": {"timesteps": [int(t) for t in g[:-1]]}}
 
 
+def flow_steps_scheduler(train_scheduler_config: dict, grid) -> dict:
+    """For a flow pipeline that calls `set_timesteps(num_inference_steps)` only (WanPipeline): flow-match Euler with
+    `shift=1` makes `linspace(1, 1/T, K)`, and `shift_terminal=1/K` stretches it (an affine map fixing 1) to
+    `1, (K-1)/K, ..., 1/K`: the 'linear' grid `t_k = T k / K`, stepped as `sigmas=` steps it (see above). No other
+    grid comes out of K alone."""
+    T = int(train_scheduler_config.get("num_train_timesteps", 1000))
+    g = _check_grid(grid, T, discrete=False)
+    K = len(g) - 1
+    if any(abs(t - T * k / K) > 1e-9 * T for t, k in zip(g, range(K, 0, -1))):
+        raise ValueError(f"this pipeline passes no timesteps to its scheduler, which then makes only the linear grid "
+                         f"T k / K; the student's grid {g} is not it: train with student.grid=linear")
+    spec = inference_scheduler(train_scheduler_config, grid, "flow")
+    spec["config"]["shift_terminal"] = 1 / K if K > 1 else None  # K = 1: [1] already (a stretch would divide by 0)
+    spec["set_timesteps_kwargs"] = {"num_inference_steps": K}
+    return spec
+
+
 def build_inference_scheduler(spec: dict):
     """Instantiate the diffusers scheduler of a spec from `inference_scheduler` (or tdm_inference.json)."""
     import diffusers

@@ -20,6 +20,7 @@ DIFFUSERS = {  # family -> (module, class): one small adapter file each
     "pixart": ("diffusers.pixart", "PixArtFamily"),
     "sd3": ("diffusers.sd3", "SD3Family"),
     "cogvideox": ("diffusers.cogvideox", "CogVideoXFamily"),
+    "wan": ("diffusers.wan", "WanFamily"),
     "digits-sd": ("digits.sd", "DigitsSDFamily"),   # sd15 plus the digit classifier's metrics
     "flux": ("diffusers.flux", "FluxFamily"),
 }
@@ -33,7 +34,8 @@ ONLY = {
     **{f"net.{k}": _TOY for k in ("prediction_type", "hidden", "depth", "pretrain_steps", "pretrain_batch",
                                   "pretrain_lr")},
     "student.unify": _TOY,  # the step-count embedding exists in the toy MLP only (§6)
-    "teacher.resolution": _DIFF, "teacher.frames": ("cogvideox",), "student.guidance_embedding": ("flux",),
+    "teacher.resolution": _DIFF, "teacher.frames": ("cogvideox", "wan"), "teacher.width": ("wan",),
+    "student.guidance_embedding": ("flux",),
     **{f"data.{k}": _DIFF for k in ("prompts", "max_prompt_chars")},
     **{f"lora.{k}": _DIFF for k in ("enabled", "rank", "alpha", "targets")},
     **{f"train.{k}": _DIFF for k in ("preview_every", "validation_prompts", "gradient_checkpointing",
