@@ -81,7 +81,7 @@ def module_bytes(net, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     made = {id(b) for m in net.modules() for k, b in m._buffers.items() if k in m._non_persistent_buffers_set}
     return sum(t.numel() * (t.element_size() if not t.is_floating_point() or id(t) in made else
-                            max(size, 4) if kept_in_fp32(net, name) else size)
+                            max(size, 4) if kept_in_fp32(net, name, dtype) else size)
                for name, t in [*net.named_parameters(), *net.named_buffers()])
 
 

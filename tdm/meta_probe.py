@@ -131,9 +131,13 @@ def bare_family(family_cls, path: str, resolution: int = 512, frames: int = 49, 
     return fam
 
 
-def kept_in_fp32(net, name: str) -> bool:
-    """diffusers' rule: a tensor under a module named in `_keep_in_fp32_modules` (Wan's norms, time embedding)
-    loads in fp32 whatever the dtype asked."""
+def kept_in_fp32(net, name: str, dtype: torch.dtype) -> bool:
+    """Whether `from_pretrained(dtype=...)` keeps this tensor in fp32: diffusers keeps the modules named in
+    `_keep_in_fp32_modules` (Wan's norms, time embedding) at any dtype; transformers (T5's `wo`) only for fp16."""
+    from diffusers import ModelMixin
+
+    if not isinstance(net, ModelMixin) and dtype != torch.float16:
+        return False
     return any(keep in name.split(".") for keep in getattr(net, "_keep_in_fp32_modules", None) or [])
 
 
@@ -148,7 +152,7 @@ def meta_net(family_cls, path: str, dtype: torch.dtype = torch.float32):
     for name, m in net.named_modules():  # as from_pretrained(dtype=...): what the module makes itself keeps its
         for k, t in [*m._parameters.items(), *m._buffers.items()]:  # dtype, and so do `_keep_in_fp32_modules`
             if t is not None and t.is_floating_point() and k not in m._non_persistent_buffers_set \
-                    and not kept_in_fp32(net, f"{name}.{k}"):
+                    and not kept_in_fp32(net, f"{name}.{k}", dtype):
                 t.data = t.data.to(dtype)
     return net.requires_grad_(False)
 
