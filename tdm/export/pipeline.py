@@ -35,8 +35,8 @@ def student_lora_state_dict(base: torch.nn.Module, alpha: float, rank: int) -> d
     return {k: (v * (alpha / rank) if "lora_B" in k else v).detach().float().cpu().contiguous() for k, v in sd.items()}
 
 
-def inference_spec(run) -> dict:
-    fam, K = run.family, run.cfg.student.steps
+def inference_spec(run, K: int | None = None) -> dict:
+    fam, K = run.family, K or run.cfg.student.steps
     grid = run.grid(K).tolist()
     train_config = scheduler_config(fam.path)
     kind = "flow" if not fam.schedule.discrete else "vp"
@@ -51,6 +51,79 @@ def inference_spec(run) -> dict:
         "scheduler": fam.inference_scheduler(train_config, grid) if hasattr(fam, "inference_scheduler") else
         inference_scheduler(train_config, grid, kind, vp_scheduler=fam.vp_scheduler),
     }
+
+
+def k_lora_state_dict(sd: dict[str, torch.Tensor], k_add: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+    """A unify student's LoRA for one K (§6): its K embedding `k_add` folded into a LoRA bias (peft's
+    `lora_bias=True`, which diffusers' loader reads from `lora_B.bias` keys) of the time embedding's last linear,
+    a rank-`rank` module with zero matrices; every other module gets a zero bias (the option is per file)."""
+    out = dict(sd)
+    for k, v in sd.items():
+        if k.endswith("lora_B.weight"):
+            out[k.replace(".weight", ".bias")] = torch.zeros(v.shape[0])
+    k_add = k_add.detach().float().cpu().contiguous()
+    prefix = "time_embedding.linear_2"
+    out[f"{prefix}.lora_A.weight"] = torch.zeros(rank, k_add.shape[0])  # linear_2 is square (dim -> dim)
+    out[f"{prefix}.lora_B.weight"] = torch.zeros(k_add.shape[0], rank)
+    out[f"{prefix}.lora_B.bias"] = k_add
+    return out
+
+
+def export_unify(run_dir: str | Path, fmt: str, out: Path) -> Path:
+    """A unify student (§6): a stock pipeline cannot pass K, so one export per K, with that K's embedding folded in,
+    in `out/K{K}` (each a whole export with its own scheduler); `out/tdm_inference.json` says which serves which K."""
+    import diffusers
+
+    if fmt not in ("diffusers", "full"):
+        raise ValueError(f"--format {fmt} cannot carry a unify student's step-count embedding (a LoRA bias per K); "
+                         "export --format diffusers or full")
+    run = load_run(run_dir)
+    fam, cfg, net = run.family, run.cfg, run.student.net
+    if fmt == "diffusers" and not cfg.lora.enabled:
+        fmt = "full"
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"family": cfg.teacher.family, "pipeline_class": fam.pipeline_class, "format": fmt, "unify": {}}
+    lines = [f"# {Path(cfg.teacher.path).resolve().name}: an any-step TDM student (K = {run.Ks})", "",
+             "A stock pipeline cannot be told the step count K, so each K has its own export, with K's embedding "
+             "folded into the network's time embedding: use the folder of the K you sample with (its README and "
+             "`tdm_inference.json` hold its scheduler), or `tdm.load_pipeline(teacher, lora=<this folder>, steps=K)`.",
+             "", "| K | folder |", "|---|---|"]
+    te = net.base.time_embedding
+    if fmt == "full" and cfg.lora.enabled:
+        net.base.set_adapter("student")
+        net.base.fuse_lora(adapter_names=["student"])
+        net.base.unload_lora()
+        te = net.base.time_embedding
+    sd = student_lora_state_dict(net.base, cfg.lora.alpha, cfg.lora.rank) if fmt == "diffusers" else None
+    for K in run.Ks:
+        spec, folder = inference_spec(run, K), out / f"K{K}"
+        folder.mkdir(exist_ok=True)
+        k_add = net.k_embed.weight[K].detach()
+        if fmt == "full":
+            bias = te.linear_2.bias.detach().clone()
+            with torch.no_grad():
+                te.linear_2.bias.add_(k_add.to(bias))
+            pipe = diffusers.DiffusionPipeline.from_pretrained(fam.path, local_files_only=True,
+                                                              **{fam.network_folder: net.base})
+            pipe.scheduler = build_inference_scheduler(spec["scheduler"])
+            pipe.save_pretrained(folder)
+            with torch.no_grad():
+                te.linear_2.bias.copy_(bias)
+            spec["lora_scale"], lora_file = None, None
+        else:
+            lora_file, meta = FILES["diffusers"], lora_metadata(cfg, spec, fmt)
+            getattr(diffusers, fam.pipeline_class).save_lora_weights(
+                folder, **{f"{fam.network_folder}_lora_layers": k_lora_state_dict(sd, k_add, cfg.lora.rank)},
+                weight_name=lora_file, save_function=lambda tensors, path: save_tensors(tensors, path, meta))
+        write_json(folder / "tdm_inference.json", spec)
+        write_text(folder / "README.md", model_card(type(fam), cfg, spec, fmt, folder, lora_file))
+        index["unify"][str(K)] = {"folder": folder.name, "file": f"{folder.name}/{lora_file}" if lora_file else
+                                  folder.name, "scheduler": spec["scheduler"], "timesteps": spec["timesteps"],
+                                  "guidance_scale": spec["guidance_scale"]}
+        lines.append(f"| {K} | `{folder.name}/` |")
+    write_json(out / "tdm_inference.json", index)
+    write_text(out / "README.md", "\n".join(lines) + "\n")
+    return out
 
 
 def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path | None = None) -> Path:
@@ -71,6 +144,8 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
     out = Path(output or Path(run_dir) / f"export_{fmt}")
     if out.exists() and not out.is_dir():
         raise RunError(f"--output {out} is a file; give a folder")
+    if run_config(run_dir).student.unify:
+        return export_unify(run_dir, fmt, out)
     run = load_run(run_dir)
     fam, cfg = run.family, run.cfg
     spec = inference_spec(run)
@@ -151,14 +226,25 @@ def _lora_layers(modules, adapter: str | None = None) -> int:
 
 
 def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference: str | Path | None = None,
-                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None, fuse: bool = False):
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None, fuse: bool = False,
+                  steps: int | None = None):
     """A stock diffusers pipeline set up from `tdm_inference.json`; returns `(pipe, call_kwargs)`.
 
     `lora` is an exported folder or its LoRA file; `inference` defaults to the `tdm_inference.json` beside it.
     Every LoRA module of the file must attach. `fuse`: the LoRA folded into the weights at its scale (no adapter
-    arithmetic per call). Call `pipe(prompt, **call_kwargs)`.
+    arithmetic per call). `steps`: the K of an any-step (unify) export, whose folder holds one export per K.
+    Call `pipe(prompt, **call_kwargs)`.
     """
     import diffusers
+
+    index = Path(lora or teacher) / "tdm_inference.json"
+    if index.is_file() and "unify" in read_json(index):
+        served = read_json(index)["unify"]
+        if str(steps) not in served:
+            raise ValueError(f"steps={steps}: this any-step export serves K in {sorted(map(int, served))}; pass one")
+        folder = index.parent / served[str(steps)]["folder"]
+        return load_pipeline(folder if lora is None else teacher, folder if lora is not None else None, inference,
+                             device, dtype, fuse)
 
     lora = Path(lora) if lora else None
     if not (Path(teacher) / "model_index.json").is_file():

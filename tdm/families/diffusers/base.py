@@ -227,15 +227,16 @@ class DiffusersFamily(Family):
         """LoRA: a view of the one base per role, each data-parallel over its own adapter only. Full: a trainable
         fp32 network per role, loaded afresh (a copy of a low-precision teacher would be rounded); the teacher stays
         frozen."""
+        max_K = max(self.cfg.student.unify, default=0)  # TDM-unify: each role its own K embedding (§6)
         if self.cfg.lora.enabled:
-            nets = {role: RoleNet(self, base, role) for role in roles}
+            nets = {role: RoleNet(self, base, role, max_K) for role in roles}
             for net in nets.values():
-                own = {f"base.{n}" for n in net._adapter_params()}
+                own = {n if n == "k_embed.weight" else f"base.{n}" for n in net._adapter_params()}
                 net._ddp_params_and_buffers_to_ignore = [n for n, _ in net.named_parameters() if n not in own] + [
                     n for n, _ in net.named_buffers()]
             return nets
-        nets = {role: RoleNet(self, self._load_network(torch.float32).requires_grad_(True).to(self.device), None)
-                for role in roles}
+        nets = {role: RoleNet(self, self._load_network(torch.float32).requires_grad_(True).to(self.device), None,
+                              max_K) for role in roles}
         if self.cfg.train.teacher_offload:
             from accelerate import cpu_offload
 
@@ -278,7 +279,9 @@ class DiffusersFamily(Family):
             0, min(n_prompts, len(self.prompts)))
         x_T = torch.randn(self.sample_shape(n), generator=g).to(self.device)
         cond = self._cond(torch.arange(first, first + n, device=self.device))
-        rows = [self.decode(sample_student(student, x_T, grid_of(K), cond)) for K in Ks]
+        unify = bool(self.cfg.student.unify)  # a K-conditioned student is told K (§6)
+        rows = [self.decode(sample_student(student, x_T, grid_of(K), cond,
+                                           **({"k_steps": torch.tensor(K)} if unify else {}))) for K in Ks]
         image = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # K rows x n prompts
         _save_image(image, path)
         return image

@@ -42,27 +42,63 @@ class LoRARoles:
         self.current = role
 
 
-class RoleNet(nn.Module):
-    """`net(x_t, t, cond)` of one role: the base through `adapter` (None = teacher) via `family.call`."""
+def time_embedding(base: nn.Module) -> nn.Module | None:
+    """The network's time-embedding MLP (diffusers' `TimestepEmbedding`, UNets' `time_embedding`) whose output the
+    step-count embedding of TDM-unify is added to (§6); None where the network has none by that name."""
+    te = getattr(base, "time_embedding", None)
+    return te if isinstance(getattr(te, "linear_2", None), nn.Linear) else None
 
-    def __init__(self, family: DiffusersFamily, base: nn.Module, adapter: str | None):
+
+def _add_k(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the time embedding: adds the calling role's K embedding (none for the teacher)."""
+    add = module.__dict__.get("_tdm_k_add")
+    return out if add is None else out + add.to(out.dtype)
+
+
+class RoleNet(nn.Module):
+    """`net(x_t, t, cond, k_steps=None)` of one role: the base through `adapter` (None = the teacher) via
+    `family.call`. `max_K` > 0 (TDM-unify, §6): the role owns a zero-initialised embedding of the step count K,
+    added to the output of the network's time embedding, so that at initialisation the role equals the teacher."""
+
+    def __init__(self, family: DiffusersFamily, base: nn.Module, adapter: str | None, max_K: int = 0):
         super().__init__()
         self.base = base
         self.adapter = adapter
+        self.k_embed = None
+        if max_K:
+            te = time_embedding(base)
+            if te is None:
+                raise ValueError(f"student.unify: the {type(base).__name__} network has no time_embedding to add K "
+                                 "to; remove student.unify")
+            self.k_embed = nn.Embedding(max_K + 1, te.linear_2.out_features).to(family.device)
+            nn.init.zeros_(self.k_embed.weight)
+            if "_tdm_k_hook" not in te.__dict__:  # one hook per network, shared by the roles on it
+                te._tdm_k_hook = te.register_forward_hook(_add_k)
         self._roles = family.roles if base is family.base else None  # full copies carry no adapters
         self._call = torch.compile(family.call) if family.cfg.train.compile else family.call
         self._dtype = family.dtype
         self._no_split_modules = getattr(base, "_no_split_modules", None)  # FSDP shards block by block
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, **extra) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, k_steps: torch.Tensor | None = None,
+                **extra) -> torch.Tensor:
         if extra:
-            raise ValueError(f"diffusers teachers take no extra conditioning yet, got {sorted(extra)}")
+            raise ValueError(f"diffusers teachers take no extra conditioning but k_steps, got {sorted(extra)}")
+        if (k_steps is None) != (self.k_embed is None):
+            raise ValueError("k_steps is given to a network without a step-count embedding" if self.k_embed is None
+                             else "this network is K-conditioned (student.unify): pass k_steps")
         self.activate()
-        if self._dtype == torch.float32:
-            return self._call(self.base, x_t, t, cond)
-        # the frozen networks' dtype is the compute dtype wherever the network runs (training, previews, eval)
-        with torch.autocast(x_t.device.type, self._dtype, cache_enabled=False):
-            return self._call(self.base, x_t, t, cond)
+        te = time_embedding(self.base) if self.k_embed is not None else None
+        if te is not None:
+            te._tdm_k_add = self.k_embed(torch.as_tensor(k_steps, device=self.k_embed.weight.device).reshape(-1))
+        try:
+            if self._dtype == torch.float32:
+                return self._call(self.base, x_t, t, cond)
+            # the frozen networks' dtype is the compute dtype wherever the network runs (training, previews, eval)
+            with torch.autocast(x_t.device.type, self._dtype, cache_enabled=False):
+                return self._call(self.base, x_t, t, cond)
+        finally:
+            if te is not None:
+                te._tdm_k_add = None
 
     def activate(self) -> None:
         """Route the shared base through this role. The trainer calls it again before this role's
@@ -71,12 +107,15 @@ class RoleNet(nn.Module):
             self._roles.select(self.adapter)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        k = [self.k_embed.weight] if self.k_embed is not None else []
         if self.adapter is None:
-            return [p for p in self.base.parameters() if p.requires_grad]
+            return [p for p in self.base.parameters() if p.requires_grad] + k
         return list(self._adapter_params().values())
 
     def _adapter_params(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.base.named_parameters() if f".{self.adapter}." in n}
+        """The adapter's weights (network names) and the role's K embedding ('k_embed.weight')."""
+        params = {n: p for n, p in self.base.named_parameters() if f".{self.adapter}." in n}
+        return {**params, "k_embed.weight": self.k_embed.weight} if self.k_embed is not None else params
 
     # A LoRA role's weights are its adapter alone: checkpoints and `student.safetensors` then hold
     # megabytes, not a copy of the base per role.

@@ -1,0 +1,153 @@
+"""TDM-unify (§6) on a diffusers teacher: the student and fake score own a zero-initialised step-count embedding added
+to the UNet's time embedding (the initial student equals the teacher), and the export writes one LoRA per K with K's
+embedding folded into a LoRA bias, which the stock pipeline samples at each K like the library's K-step sampler."""
+
+import json
+
+import pytest
+import torch
+from family_harness import lora_run, teacher_folder
+from safetensors import safe_open
+from tiny_pipelines import make_sd15, make_sdxl
+
+from tdm.config import resolve
+from tdm.export.pipeline import export_run, load_pipeline
+from tdm.families import build_family, check_inputs
+from tdm.files import save_tensors
+from tdm.run import load_run, run_config
+
+UNIFY = "student.unify=[1,2,4]"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return teacher_folder(tmp_path_factory, "sd15u", make_sd15)
+
+
+@pytest.fixture(scope="module")
+def run_dir(teacher, tmp_path_factory):
+    """A 2-iteration unify run whose student's K embeddings are then set to distinct random values (2 iterations
+    train only the Ks they drew), so that each K's export differs from the others."""
+    run = lora_run("sd15", teacher, tmp_path_factory.mktemp("sd15u_run"), UNIFY)
+    path = run / "student.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert weights["k_embed.weight"].shape[0] == 5
+    weights["k_embed.weight"] = torch.randn(weights["k_embed.weight"].shape, generator=torch.Generator().manual_seed(1))
+    save_tensors(weights, path, meta)
+    return run
+
+
+def _overrides(teacher, *more):
+    path, prompts = teacher
+    return [f"teacher.path={path}", f"data.prompts={prompts}", "teacher.resolution=64", "lora.rank=4", *more]
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_k_embedding_starts_at_the_teacher(name, teacher, tmp_path_factory, tmp_path, one_thread):
+    """SD1.5 and SDXL UNets: at initialisation the K-conditioned student and fake equal the teacher at every K; a
+    nonzero embedding changes the role's output at its K only, never the teacher's; a K-conditioned role
+    refuses a call without K."""
+    if name == "sdxl":
+        teacher = teacher_folder(tmp_path_factory, "sdxlu", make_sdxl)
+    cfg = resolve(name, _overrides(teacher, UNIFY))
+    fam = build_family(cfg, run_dir=tmp_path)
+    nets = fam.role_nets(fam.base, ["student", "fake"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(fam.sample_shape(2), generator=g)
+    cond, _ = fam.sample_cond(2, g)
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        ref = fam.teacher.net(x, t, cond)
+        for net in nets.values():
+            for K in (1, 2, 4):
+                assert torch.equal(net(x, t, cond, k_steps=torch.tensor(K)), ref)
+        nets["student"].k_embed.weight[2].normal_()
+        assert (nets["student"](x, t, cond, k_steps=torch.tensor(2)) - ref).abs().max() > 1e-3
+        assert torch.equal(nets["student"](x, t, cond, k_steps=torch.tensor(4)), ref)
+        assert torch.equal(nets["fake"](x, t, cond, k_steps=torch.tensor(2)), ref)
+        assert torch.equal(fam.teacher.net(x, t, cond), ref)
+    assert "k_embed.weight" in nets["student"].state_dict()
+    assert any(p is nets["student"].k_embed.weight for p in nets["student"].trainable_parameters())
+    with pytest.raises(ValueError, match="pass k_steps"):
+        nets["student"](x, t, cond)
+
+
+def test_unify_refused_where_no_time_embedding(one_thread):
+    """A family whose network has no UNet time embedding refuses student.unify in one line naming the field."""
+    cfg = resolve("pixart-512", ["teacher.path=/nonexistent", UNIFY])
+    with pytest.raises(ValueError, match="student.unify") as err:
+        check_inputs(cfg, dry=True)
+    assert "\n" not in str(err.value)
+
+
+def test_unify_export_per_k(teacher, run_dir, tmp_path, one_thread):
+    """Each K's exported LoRA through the stock pipeline and its recorded scheduler reproduces the library's K-step
+    sampler to 1e-4 (fp32); the K=1 file sampled at K=4 does not; kohya cannot carry the embedding and is refused."""
+    out = export_run(run_dir, "diffusers", tmp_path / "exp")
+    index = json.loads((out / "tdm_inference.json").read_text())
+    assert sorted(index["unify"]) == ["1", "2", "4"]
+    run = load_run(run_dir)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(run.family.sample_shape(2), generator=g)
+    cond, _ = run.family.sample_cond(2, g)
+
+    def stock(K, file_K=None):
+        pipe, kwargs = load_pipeline(teacher[0], lora=out, steps=file_K or K)
+        if file_K:  # K's scheduler with another K's file
+            _, kwargs = load_pipeline(teacher[0], lora=out, steps=K)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt_embeds=cond["prompt_embeds"], latents=x_T.clone(), output_type="latent", **kwargs).images
+
+    for K in (1, 2, 4):
+        assert index["unify"][str(K)]["file"] == f"K{K}/pytorch_lora_weights.safetensors"
+        ours = run.sample(K, x_T, cond)
+        err = (stock(K) - ours).abs().max().item()
+        print(f"sd15 unify K={K}: max |pipeline - sample| = {err:.2e}")
+        assert err < 1e-4
+    wrong = (stock(4, file_K=1) - run.sample(4, x_T, cond)).abs().max().item()
+    print(f"sd15 unify: K=1 file at K=4: max |pipeline - sample| = {wrong:.2e}")
+    assert wrong > 1e-3
+    with pytest.raises(ValueError, match="steps=3") as err:
+        load_pipeline(teacher[0], lora=out, steps=3)
+    with pytest.raises(ValueError, match="export --format diffusers or full") as err:
+        export_run(run_dir, "kohya", tmp_path / "k")
+    assert "\n" not in str(err.value) and run_config(run_dir).student.unify == [1, 2, 4]
+
+
+def test_unify_export_full(teacher, run_dir, tmp_path, one_thread):
+    """--format full: a whole pipeline per K with K's embedding folded into the time embedding's last bias; K=2's
+    folder matches the library's 2-step sampler to 1e-4, K=4's does not at K=2's timesteps."""
+    out = export_run(run_dir, "full", tmp_path / "full")
+    assert json.loads((out / "tdm_inference.json").read_text())["unify"]["2"]["file"] == "K2"
+    run = load_run(run_dir)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(run.family.sample_shape(2), generator=g)
+    cond, _ = run.family.sample_cond(2, g)
+    ours = run.sample(2, x_T, cond)
+    errs = {}
+    for folder in ("K2", "K4"):
+        pipe, kwargs = load_pipeline(out / folder, inference=out / "K2" / "tdm_inference.json")
+        pipe.set_progress_bar_config(disable=True)
+        x = pipe(prompt_embeds=cond["prompt_embeds"], latents=x_T.clone(), output_type="latent", **kwargs).images
+        errs[folder] = (x - ours).abs().max().item()
+    print(f"sd15 unify full: K=2 {errs['K2']:.2e}, K=4's folder at K=2 {errs['K4']:.2e}")
+    assert errs["K2"] < 1e-4 and errs["K4"] > 1e-3
+
+
+def test_unify_resume_bit_exact_and_full_mode(teacher, tmp_path, one_thread):
+    """A unify run resumed from its checkpoint equals the uninterrupted one (losses and the saved K embedding); its
+    previews tell the student K; full mode (lora.enabled=false) trains a K embedding per role too."""
+    from family_harness import overrides, train
+
+    more = (UNIFY, "train.preview_every=2")
+    _, full = train("sd15", tmp_path / "full", overrides(teacher, *more, "train.iterations=4"))
+    train("sd15", tmp_path / "split", overrides(teacher, *more, "train.iterations=2"))
+    _, rest = train("sd15", tmp_path / "split", overrides(teacher, *more, "train.iterations=4"))
+    assert [(m["loss_fake"], m["loss_student"]) for m in full[2:]] == [(m["loss_fake"], m["loss_student"])
+                                                                        for m in rest]
+    k = [load_run(tmp_path / r).student.net.k_embed.weight for r in ("full", "split")]
+    assert torch.equal(*k) and k[0].abs().max() > 0
+    trainer, hist = train("sd15", tmp_path / "fm", overrides(teacher, UNIFY, "train.iterations=1",
+                                                             "lora.enabled=false"))
+    assert trainer.method.fake.net.k_embed is not None and torch.isfinite(torch.tensor(hist[0]["loss_student"]))
