@@ -163,7 +163,7 @@ def _cell(v) -> str:
 
 def _sample(args) -> int:
     if args.teacher:
-        wrong = [f"--{k}" for k in ("steps", "labels", "sampler", "nfe") if getattr(args, k) is not None]
+        wrong = [f"--{k}" for k in ("labels", "sampler", "nfe") if getattr(args, k) is not None]
         if args.run_dir or wrong:
             raise ValueError(f"{', '.join(wrong + ['RUN_DIR'] * bool(args.run_dir))}: these sample a run; --teacher "
                              "samples with a stock pipeline (--lora, --inference, --prompt, --prompt-file)")
@@ -275,7 +275,7 @@ def _sample_pipeline(args) -> int:
                              f"factor); use e.g. {max(factor, value // factor * factor)}")
     device, dtype = _device_dtype(args)
     pipe, kwargs = load_pipeline(args.teacher, lora=args.lora, inference=args.inference, device=device, dtype=dtype,
-                                 fuse=True)
+                                 fuse=True, steps=args.steps)
     pipe.set_progress_bar_config(disable=True)
     jobs = [(p, args.seed + j) for p in prompts for j in range(n)]
     names = [out] if len(jobs) == 1 else [out.with_name(f"{out.stem}_{i:04d}{out.suffix}") for i in range(len(jobs))]
@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="frozen networks' dtype (default: bf16 on "
                    "CUDA, fp32 on the CPU)")
-    s.add_argument("--steps", type=_count, help="student steps K (default: the trained K)")
+    s.add_argument("--steps", type=_count, help="student steps K (default: the trained K); with --teacher: the K of "
+                   "an any-step (unify) export")
     s.add_argument("--n", type=_count, help="samples (per label with --labels; default 1000); with --teacher: "
                    "images per prompt (default 1)")
     s.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2")

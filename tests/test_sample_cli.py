@@ -58,7 +58,8 @@ def test_a_prompt_file_gives_n_images_per_prompt(exported, tmp_path, one_thread,
 def test_device_and_dtype_refusals(exported, capsys):
     teacher, lora = exported
     for args, words in ((["--device", "cuda"], "no CUDA device"), (["--dtype", "fp16"], "--dtype fp16 needs a GPU"),
-                        (["--prompt", "x", "--prompt-file", "p.txt"], "give one of them")):
+                        (["--prompt", "x", "--prompt-file", "p.txt"], "give one of them"),
+                        (["--steps", "2"], "serves the K it was trained for only")):
         base = ["sample", "--teacher", str(teacher), "--lora", str(lora)]
         assert main([*base, *(["--prompt", "x"] if "--prompt" not in args else []), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()

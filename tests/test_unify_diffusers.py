@@ -151,3 +151,18 @@ def test_unify_resume_bit_exact_and_full_mode(teacher, tmp_path, one_thread):
     trainer, hist = train("sd15", tmp_path / "fm", overrides(teacher, UNIFY, "train.iterations=1",
                                                              "lora.enabled=false"))
     assert trainer.method.fake.net.k_embed is not None and torch.isfinite(torch.tensor(hist[0]["loss_student"]))
+
+
+def test_cli_samples_an_any_step_export_at_the_k_asked(teacher, run_dir, tmp_path, one_thread, capsys):
+    """`tdm sample --teacher --lora EXPORT --steps K` picks K's file (not fused: peft cannot merge its LoRA bias);
+    without --steps the one line names the Ks the export serves."""
+    from tdm.cli import main
+
+    out = export_run(run_dir, "diffusers", tmp_path / "exp")
+    base = ["sample", "--teacher", str(teacher[0]), "--lora", str(out), "--prompt", "a cube"]
+    assert main([*base, "--steps", "2", "--out", str(tmp_path / "k2.png")]) == 0
+    assert (tmp_path / "k2.png").is_file()
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "none.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "serves K in [1, 2, 4]" in err[0], err

@@ -195,6 +195,14 @@ def export_run(run_dir: str | Path, fmt: str = "diffusers", output: str | Path |
     return out
 
 
+def _has_lora_bias(lora_file: Path) -> bool:
+    """An any-step (unify) export: its K embedding rides on `lora_B.bias` keys."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), "pt") as f:
+        return any(k.endswith("lora_B.bias") for k in f.keys())
+
+
 def _lora_file(lora: Path) -> Path:
     """The LoRA file of an export folder (its one .safetensors), or `lora` itself."""
     if lora.is_file():
@@ -241,11 +249,15 @@ def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference
     if index.is_file() and "unify" in read_json(index):
         served = read_json(index)["unify"]
         if str(steps) not in served:
-            raise ValueError(f"steps={steps}: this any-step export serves K in {sorted(map(int, served))}; pass one")
+            raise ValueError(f"steps={steps}: this any-step export serves K in {sorted(map(int, served))}; pass one "
+                             "(tdm sample --steps K)")
         folder = index.parent / served[str(steps)]["folder"]
         return load_pipeline(folder if lora is None else teacher, folder if lora is not None else None, inference,
                              device, dtype, fuse)
 
+    if steps is not None:
+        raise ValueError(f"steps={steps}: this export serves the K it was trained for only (its scheduler in "
+                         "tdm_inference.json); leave --steps out")
     lora = Path(lora) if lora else None
     if not (Path(teacher) / "model_index.json").is_file():
         raise FileNotFoundError(f"--teacher {teacher} is not a diffusers pipeline folder (no model_index.json)")
@@ -265,7 +277,7 @@ def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference
         pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="tdm")
         modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
         _check_attached(lora_file, _lora_layers(modules, "tdm"), f"{type(pipe).__name__}.load_lora_weights")
-        if fuse:
+        if fuse and not _has_lora_bias(lora_file):  # peft cannot merge a LoRA bias into bias-free layers
             pipe.fuse_lora(lora_scale=spec["lora_scale"], adapter_names=["tdm"])
             pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
         else:
