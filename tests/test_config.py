@@ -88,5 +88,5 @@ def test_presets_show_is_a_config_file_of_the_fields_read(tmp_path, capsys):
         assert {k for k, fams in ONLY.items() if family in fams} <= keys, name
         assert not {"dmd2", "consistency"} & set(shown), name  # the method that runs is tdm
     sdxl = yaml.safe_load((tmp_path / "sdxl.yaml").read_text())
-    assert "net" not in sdxl and "mixture" not in sdxl["teacher"] and "unify" not in sdxl["student"]
+    assert "net" not in sdxl and "mixture" not in sdxl["teacher"] and "unify" in sdxl["student"]
     assert sdxl["lora"]["rank"] == 64 and "validation_prompts" in sdxl["train"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from family_harness import lora_run, teacher_folder
 from safetensors import safe_open
-from tiny_pipelines import make_sd15, make_sdxl
+from tiny_pipelines import make_cogvideox, make_flux, make_pixart, make_sd3, make_sd15, make_sdxl, make_wan
 
 from tdm.config import resolve
 from tdm.export.pipeline import export_run, load_pipeline
@@ -74,8 +74,9 @@ def test_k_embedding_starts_at_the_teacher(name, teacher, tmp_path_factory, tmp_
 
 
 def test_unify_refused_where_no_time_embedding(one_thread):
-    """A family whose network has no UNet time embedding refuses student.unify in one line naming the field."""
-    cfg = resolve("pixart-512", ["teacher.path=/nonexistent", UNIFY])
+    """A family without a step-count embedding (the digits UNet) refuses student.unify in one line naming the
+    field."""
+    cfg = resolve("digits", [UNIFY])
     with pytest.raises(ValueError, match="student.unify") as err:
         check_inputs(cfg, dry=True)
     assert "\n" not in str(err.value)
@@ -166,3 +167,110 @@ def test_cli_samples_an_any_step_export_at_the_k_asked(teacher, run_dir, tmp_pat
     assert main([*base, "--out", str(tmp_path / "none.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "serves K in [1, 2, 4]" in err[0], err
+
+
+# The DiT families: (preset, builder, extra overrides, pipeline call arguments), as tests/test_export_formats.py
+DITS = {
+    "pixart": ("pixart-512", make_pixart, (), {"use_resolution_binning": False, "height": 64, "width": 64}),
+    "sd3": ("sd3", make_sd3, (), {}),
+    "flux": ("flux-dev", make_flux, (), {"height": 64, "width": 64}),
+    "cogvideox": ("cogvideox-2b", make_cogvideox, ("teacher.frames=9",), {"num_frames": 9, "height": 64, "width": 64}),
+    "wan": ("wan-1.3b", make_wan, ("teacher.frames=9", "teacher.width=64"),
+            {"num_frames": 9, "height": 64, "width": 64}),
+}
+PIPE_ARGS = {"prompt_embeds": "prompt_embeds", "pooled": "pooled_prompt_embeds",
+             "prompt_attention_mask": "prompt_attention_mask"}  # condition -> the pipeline's argument
+
+
+@pytest.fixture(scope="module", params=list(DITS))
+def dit_run(request, tmp_path_factory):
+    """(name, teacher folder, run folder) of a 2-iteration unify run of a DiT family, its K embeddings then set to
+    distinct random values."""
+    name = request.param
+    preset, build, extra, _ = DITS[name]
+    teacher = teacher_folder(tmp_path_factory, f"{name}u", build)
+    run = lora_run(preset, teacher, tmp_path_factory.mktemp(f"{name}u_run"), UNIFY, *extra)
+    path = run / "student.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    weights["k_embed.weight"] = torch.randn(weights["k_embed.weight"].shape, generator=torch.Generator().manual_seed(1))
+    save_tensors(weights, path, meta)
+    return name, teacher, run
+
+
+def test_dit_k_embedding_starts_at_the_teacher(dit_run, tmp_path, one_thread):
+    """PixArt, SD3, FLUX, CogVideoX, Wan: the K embedding rides on the family's time embedding
+    (`time_embedding_path`); at initialisation student and fake equal the teacher at every K, a nonzero embedding
+    changes the role's output at its K only."""
+    name, teacher, _ = dit_run
+    preset, _, extra, _ = DITS[name]
+    cfg = resolve(preset, _overrides(teacher, UNIFY, *extra))
+    fam = build_family(cfg, run_dir=tmp_path)
+    nets = fam.role_nets(fam.base, ["student", "fake"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(fam.sample_shape(2), generator=g)
+    cond, _ = fam.sample_cond(2, g)
+    t = fam.schedule.grid(4, cfg.student.grid_spec())[1].expand(2)
+    with torch.no_grad():
+        ref = fam.teacher.net(x, t, cond)
+        for net in nets.values():
+            for K in (1, 2, 4):
+                assert torch.equal(net(x, t, cond, k_steps=torch.tensor(K)), ref)
+        nets["student"].k_embed.weight[2].normal_()
+        assert (nets["student"](x, t, cond, k_steps=torch.tensor(2)) - ref).abs().max() > 1e-4
+        assert torch.equal(nets["student"](x, t, cond, k_steps=torch.tensor(4)), ref)
+        assert torch.equal(fam.teacher.net(x, t, cond), ref)
+
+
+def test_dit_unify_export_per_k(dit_run, tmp_path, one_thread):
+    """Each K's exported file (diffusers LoRA; PixArt: peft's adapter folder, merged) through the stock pipeline
+    and its recorded scheduler reproduces the library's K-step sampler to 1e-4 (fp32, relative to max(1, max|x|));
+    the K=1 file with K=4's scheduler does not; --format full's K=2 folder matches at K=2."""
+    name, teacher, run_dir = dit_run
+    out = export_run(run_dir, "diffusers", tmp_path / "exp")
+    index = json.loads((out / "tdm_inference.json").read_text())
+    assert sorted(index["unify"]) == ["1", "2", "4"]
+    run = load_run(run_dir)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(run.family.sample_shape(2), generator=g)
+    cond, _ = run.family.sample_cond(2, g)
+    args = {PIPE_ARGS[k]: v for k, v in cond.items() if k in PIPE_ARGS}
+
+    def call(pipe, kwargs):
+        pipe.set_progress_bar_config(disable=True)
+        res = pipe(**args, latents=x_T.clone(), output_type="latent", **DITS[name][3], **kwargs)
+        return res.frames if name in ("cogvideox", "wan") else res.images
+
+    def stock(K, file_K=None):
+        pipe, kwargs = load_pipeline(teacher[0], lora=out, steps=file_K or K)
+        if file_K:  # K's scheduler with another K's file
+            _, kwargs = load_pipeline(teacher[0], lora=out, steps=K)
+        return call(pipe, kwargs)
+
+    def rel(x, ours):
+        return (x - ours).abs().max().item() / max(1.0, ours.abs().max().item())
+
+    for K in (1, 2, 4):
+        ours = run.sample(K, x_T, cond)
+        err = rel(stock(K), ours)
+        print(f"{name} unify K={K}: max |pipeline - sample| / max(1, max|x|) = {err:.2e}")
+        assert err < 1e-4
+    wrong = rel(stock(4, file_K=1), run.sample(4, x_T, cond))
+    print(f"{name} unify: K=1 file at K=4: {wrong:.2e}")
+    assert wrong > 1e-3
+    full = export_run(run_dir, "full", tmp_path / "full")
+    pipe, kwargs = load_pipeline(full / "K2", inference=full / "K2" / "tdm_inference.json")
+    err = rel(call(pipe, kwargs), run.sample(2, x_T, cond))
+    print(f"{name} unify full K=2: {err:.2e}")
+    assert err < 1e-4
+
+
+def test_k_lora_refuses_a_lora_on_the_time_embedding():
+    """lora.targets that put a LoRA on the time embedding's linear_2 leave no room for K's bias: one line naming the
+    field."""
+    from tdm.export.pipeline import k_lora_state_dict
+
+    sd = {"adaln_single.emb.timestep_embedder.linear_2.lora_A.weight": torch.zeros(4, 8)}
+    with pytest.raises(ValueError, match="lora.targets") as err:
+        k_lora_state_dict(sd, torch.zeros(8), 4, "adaln_single.emb.timestep_embedder")
+    assert "\n" not in str(err.value)

@@ -53,16 +53,21 @@ def inference_spec(run, K: int | None = None) -> dict:
     }
 
 
-def k_lora_state_dict(sd: dict[str, torch.Tensor], k_add: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+def k_lora_state_dict(sd: dict[str, torch.Tensor], k_add: torch.Tensor, rank: int,
+                      time_embedding: str = "time_embedding") -> dict[str, torch.Tensor]:
     """A unify student's LoRA for one K (§6): its K embedding `k_add` folded into a LoRA bias (peft's
-    `lora_bias=True`, which diffusers' loader reads from `lora_B.bias` keys) of the time embedding's last linear,
-    a rank-`rank` module with zero matrices; every other module gets a zero bias (the option is per file)."""
+    `lora_bias=True`, which diffusers' loader reads from `lora_B.bias` keys) of the last linear of the time
+    embedding at `time_embedding` (the family's `time_embedding_path`), a rank-`rank` module with zero matrices;
+    every other module gets a zero bias (the option is per file)."""
+    prefix = f"{time_embedding}.linear_2"
+    if f"{prefix}.lora_A.weight" in sd:
+        raise ValueError(f"lora.targets puts a LoRA on {prefix}, which an any-step export needs for K's embedding; "
+                         "leave it out of lora.targets")
     out = dict(sd)
     for k, v in sd.items():
         if k.endswith("lora_B.weight"):
             out[k.replace(".weight", ".bias")] = torch.zeros(v.shape[0])
     k_add = k_add.detach().float().cpu().contiguous()
-    prefix = "time_embedding.linear_2"
     out[f"{prefix}.lora_A.weight"] = torch.zeros(rank, k_add.shape[0])  # linear_2 is square (dim -> dim)
     out[f"{prefix}.lora_B.weight"] = torch.zeros(k_add.shape[0], rank)
     out[f"{prefix}.lora_B.bias"] = k_add
@@ -88,12 +93,11 @@ def export_unify(run_dir: str | Path, fmt: str, out: Path) -> Path:
              "folded into the network's time embedding: use the folder of the K you sample with (its README and "
              "`tdm_inference.json` hold its scheduler), or `tdm.load_pipeline(teacher, lora=<this folder>, steps=K)`.",
              "", "| K | folder |", "|---|---|"]
-    te = net.base.time_embedding
     if fmt == "full" and cfg.lora.enabled:
         net.base.set_adapter("student")
         net.base.fuse_lora(adapter_names=["student"])
         net.base.unload_lora()
-        te = net.base.time_embedding
+    te = net.base.get_submodule(fam.time_embedding_path)
     sd = student_lora_state_dict(net.base, cfg.lora.alpha, cfg.lora.rank) if fmt == "diffusers" else None
     for K in run.Ks:
         spec, folder = inference_spec(run, K), out / f"K{K}"
@@ -105,15 +109,29 @@ def export_unify(run_dir: str | Path, fmt: str, out: Path) -> Path:
                 te.linear_2.bias.add_(k_add.to(bias))
             pipe = diffusers.DiffusionPipeline.from_pretrained(fam.path, local_files_only=True,
                                                               **{fam.network_folder: net.base})
+            setattr(pipe, fam.network_folder, net.base)  # WanPipeline's loader ignores a passed optional transformer
             pipe.scheduler = build_inference_scheduler(spec["scheduler"])
             pipe.save_pretrained(folder)
             with torch.no_grad():
                 te.linear_2.bias.copy_(bias)
             spec["lora_scale"], lora_file = None, None
+        elif not hasattr(getattr(diffusers, fam.pipeline_class), "save_lora_weights"):
+            # PixArt-alpha: peft's adapter folder (as export_run), with lora_bias=True and the time embedding's last
+            # linear among its targets; merged into the stock network, K's bias lands in that linear's bias
+            from peft import LoraConfig
+
+            k_sd = k_lora_state_dict(sd, k_add, cfg.lora.rank, fam.time_embedding_path)
+            targets = sorted({k.rsplit(".lora_", 1)[0] for k in k_sd if k.endswith("lora_A.weight")})
+            LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.rank, target_modules=targets,
+                       lora_bias=True).save_pretrained(str(folder))
+            lora_file = FILES["peft"]
+            save_tensors({f"base_model.model.{k}": v for k, v in k_sd.items()}, folder / lora_file,
+                         lora_metadata(cfg, spec, "peft"))
         else:
             lora_file, meta = FILES["diffusers"], lora_metadata(cfg, spec, fmt)
+            k_sd = k_lora_state_dict(sd, k_add, cfg.lora.rank, fam.time_embedding_path)
             getattr(diffusers, fam.pipeline_class).save_lora_weights(
-                folder, **{f"{fam.network_folder}_lora_layers": k_lora_state_dict(sd, k_add, cfg.lora.rank)},
+                folder, **{f"{fam.network_folder}_lora_layers": k_sd},
                 weight_name=lora_file, save_function=lambda tensors, path: save_tensors(tensors, path, meta))
         write_json(folder / "tdm_inference.json", spec)
         write_text(folder / "README.md", model_card(type(fam), cfg, spec, fmt, folder, lora_file))

@@ -33,8 +33,8 @@ ONLY = {
     **{f"teacher.{k}": _TOY for k in ("mixture", "beta_schedule", "beta_start", "beta_end")},
     **{f"net.{k}": _TOY for k in ("prediction_type", "hidden", "depth", "pretrain_steps", "pretrain_batch",
                                   "pretrain_lr")},
-    # the step-count embedding (§6): the toy MLP's, and added to a UNet's time_embedding (diffusers' RoleNet)
-    "student.unify": ("toy", "sd15", "sdxl", "digits-sd"),
+    # the step-count embedding (§6): the toy MLP's, and added to a diffusers network's time embedding (RoleNet)
+    "student.unify": ("toy", *_DIFF),
     "teacher.resolution": _DIFF, "teacher.frames": ("cogvideox", "wan"), "teacher.width": ("wan",),
     "student.guidance_embedding": ("flux",),
     **{f"data.{k}": _DIFF for k in ("prompts", "max_prompt_chars")},

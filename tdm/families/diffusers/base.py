@@ -55,6 +55,7 @@ class DiffusersFamily(Family):
     learned_sigma = False                # PixArt-alpha: extra variance channels, dropped by Denoiser (§1)
     vp_scheduler = "dpm"                 # exported stock scheduler (tdm.export.scheduler); PixArt: 'euler'
     lora_targets: tuple[str, ...] = ()   # default LoRA target modules
+    time_embedding_path = "time_embedding"  # the network's TimestepEmbedding, whose output TDM-unify adds K to (§6)
     # Which `tdm export` LoRA files the stock tools read (the model card says so, tests/test_export_formats.py
     # checks it): the pipeline's LoRA loader (PixArt: peft's), and ComfyUI core's LoRA key map (() = no such model).
     diffusers_reads: tuple[str, ...] = ("diffusers", "kohya")

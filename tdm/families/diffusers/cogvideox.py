@@ -39,6 +39,7 @@ class CogVideoXFamily(DiffusersFamily):
     pipeline_class = "CogVideoXPipeline"
     network_folder = "transformer"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' CogVideoX LoRA recipe
+    time_embedding_path = "time_embedding"  # TDM-unify adds K to its output (§6)
     # diffusers' CogVideoX loader reads its own keys only, and ComfyUI core has no CogVideoX.
     diffusers_reads = ("diffusers",)
     comfyui_reads = ()

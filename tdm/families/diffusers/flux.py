@@ -53,6 +53,7 @@ class FluxFamily(DiffusersFamily):
     prediction_type = "flow"
     # Attention projections of both streams (the single-stream blocks' q, k, v included), as for SD3.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    time_embedding_path = "time_text_embed.timestep_embedder"  # TDM-unify adds K to its output (§6)
     # FluxPipeline reads diffusers' layout; ComfyUI maps it (`transformer.` keys) onto its fused FLUX weights.
     diffusers_reads = ("diffusers",)
     comfyui_reads = ("diffusers",)

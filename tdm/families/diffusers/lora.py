@@ -42,10 +42,14 @@ class LoRARoles:
         self.current = role
 
 
-def time_embedding(base: nn.Module) -> nn.Module | None:
-    """The network's time-embedding MLP (diffusers' `TimestepEmbedding`, UNets' `time_embedding`) whose output the
-    step-count embedding of TDM-unify is added to (§6); None where the network has none by that name."""
-    te = getattr(base, "time_embedding", None)
+def time_embedding(base: nn.Module, path: str) -> nn.Module | None:
+    """The network's time-embedding MLP (a diffusers `TimestepEmbedding` at `path`, the family's
+    `time_embedding_path`) whose output the step-count embedding of TDM-unify is added to (§6); None where the
+    network has none there."""
+    try:
+        te = base.get_submodule(path) if path else None
+    except AttributeError:
+        return None
     return te if isinstance(getattr(te, "linear_2", None), nn.Linear) else None
 
 
@@ -65,11 +69,12 @@ class RoleNet(nn.Module):
         self.base = base
         self.adapter = adapter
         self.k_embed = None
+        self._te_path = family.time_embedding_path
         if max_K:
-            te = time_embedding(base)
+            te = time_embedding(base, self._te_path)
             if te is None:
-                raise ValueError(f"student.unify: the {type(base).__name__} network has no time_embedding to add K "
-                                 "to; remove student.unify")
+                raise ValueError(f"student.unify: the {type(base).__name__} network has no time embedding "
+                                 f"{self._te_path!r} to add K to; remove student.unify")
             self.k_embed = nn.Embedding(max_K + 1, te.linear_2.out_features).to(family.device)
             nn.init.zeros_(self.k_embed.weight)
             if "_tdm_k_hook" not in te.__dict__:  # one hook per network, shared by the roles on it
@@ -87,7 +92,7 @@ class RoleNet(nn.Module):
             raise ValueError("k_steps is given to a network without a step-count embedding" if self.k_embed is None
                              else "this network is K-conditioned (student.unify): pass k_steps")
         self.activate()
-        te = time_embedding(self.base) if self.k_embed is not None else None
+        te = time_embedding(self.base, self._te_path) if self.k_embed is not None else None
         if te is not None:
             te._tdm_k_add = self.k_embed(torch.as_tensor(k_steps, device=self.k_embed.weight.device).reshape(-1))
         try:

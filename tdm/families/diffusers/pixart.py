@@ -37,6 +37,7 @@ class PixArtFamily(DiffusersFamily):
     # Attention (self and cross) and the feed-forward of every block; the adaLN-single / caption
     # projection stay frozen.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    time_embedding_path = "adaln_single.emb.timestep_embedder"  # TDM-unify adds K to its output (§6)
     # The 'diffusers' export is peft's adapter folder (no LoRA loader on the pipeline); ComfyUI's PixArt key map
     # reads its `base_model.model.*` keys. No stock loader reads a kohya PixArt file.
     diffusers_reads = ("diffusers",)

@@ -45,6 +45,7 @@ class SD3Family(DiffusersFamily):
     prediction_type = "flow"
     # Attention projections of the image and text streams (diffusers' SD3 DreamBooth-LoRA targets).
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    time_embedding_path = "time_text_embed.timestep_embedder"  # TDM-unify adds K to its output (§6)
 
     # diffusers 0.42 loads no kohya-layout SD3 LoRA; ComfyUI maps diffusers' SD3 names and the MMDiT ones.
     diffusers_reads = ("diffusers",)

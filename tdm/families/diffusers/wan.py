@@ -26,6 +26,7 @@ class WanFamily(DiffusersFamily):
     prediction_type = "flow"
     # self- and cross-attention projections (diffusers' Wan LoRA training recipe)
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    time_embedding_path = "condition_embedder.time_embedder"  # TDM-unify adds K to its output (§6)
     # WanPipeline.load_lora_weights reads diffusers' keys; ComfyUI's Wan LoRA map is not checked here.
     diffusers_reads = ("diffusers",)
     comfyui_reads = ()
