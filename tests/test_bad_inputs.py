@@ -227,7 +227,7 @@ CASES = [
      ["nope", "no model_index.json"]),
     ("sample_teacher_no_prompt", ["sample", "--teacher", "{sd}"], ["--prompt"]),
     ("sample_teacher_with_steps", ["sample", "--teacher", "{sd}", "--steps", "2", "--prompt", "x"],
-     ["--steps", "--teacher"]),
+     ["--steps 2", "only the K it was trained for"]),
     ("sample_broken_student", ["sample", "{d}/broken"], ["student.safetensors", "does not load"]),
     ("export_toy", ["export", "{toy}"], ["toy run", "tdm sample"]),
     ("export_output_file", ["export", "{sdrun}", "--output", "{d}/a_file"], ["a_file", "is a file"]),

@@ -93,7 +93,7 @@ def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path,
                                                                "train.preview_every=1"))
     assert trainer.cfg.train.mixed_precision == "bf16" and torch.isfinite(torch.tensor(hist[0]["loss_student"]))
     held = {n: p for n, p in trainer.family.base.named_parameters() if "lora_" not in n}
-    frozen = {n: p for n, p in held.items() if not kept_in_fp32(trainer.family.base, n)}  # diffusers keeps Wan's
+    frozen = {n: p for n, p in held.items() if not kept_in_fp32(trainer.family.base, n, torch.bfloat16)}  # diffusers keeps Wan's
     # norms and time embedding in fp32
     lora = {n: p for n, p in trainer.family.base.named_parameters() if "lora_" in n}
     assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen.values())
@@ -109,7 +109,7 @@ def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path,
 
     full, _ = train(preset, tmp_path / "full", overrides(teacher, *extra, "train.iterations=1", "lora.enabled=false"))
     assert all(p.dtype == torch.bfloat16 for n, p in full.family.base.named_parameters()
-               if not kept_in_fp32(full.family.base, n))
+               if not kept_in_fp32(full.family.base, n, torch.bfloat16))
     for net in (full.nets["student"], full.nets["fake"]):
         assert all(p.dtype == torch.float32 and p.requires_grad for p in net.parameters())
 

@@ -59,7 +59,7 @@ def test_device_and_dtype_refusals(exported, capsys):
     teacher, lora = exported
     for args, words in ((["--device", "cuda"], "no CUDA device"), (["--dtype", "fp16"], "--dtype fp16 needs a GPU"),
                         (["--prompt", "x", "--prompt-file", "p.txt"], "give one of them"),
-                        (["--steps", "2"], "serves the K it was trained for only")):
+                        (["--steps", "2"], "serves only the K it was trained for")):
         base = ["sample", "--teacher", str(teacher), "--lora", str(lora)]
         assert main([*base, *(["--prompt", "x"] if "--prompt" not in args else []), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -20,6 +20,7 @@ CALLS = {
     "pixart": (dict(height=64, width=64, use_resolution_binning=False), (1, 4, 8, 8)),
     "sd3": (dict(height=64, width=64), (1, 16, 8, 8)),
     "cogvideox": (dict(height=64, width=64, num_frames=9), (1, 3, 16, 8, 8)),  # (B, F_lat, C, h, w)
+    "wan": (dict(height=64, width=64, num_frames=9), (1, 16, 3, 8, 8)),  # (B, C, F_lat, h, w)
 }
 
 
@@ -110,6 +111,9 @@ def test_encode_prompt_shapes(built):
             assert torch.all(emb[:, :77, 32 + 48 :] == 0)  # CLIP features zero-padded to T5's width
         elif name == "cogvideox":
             emb, neg = pipe.encode_prompt(p, device="cpu")
+            assert emb.shape == neg.shape == (1, 226, 32)
+        elif name == "wan":
+            emb, neg = pipe.encode_prompt(p, device="cpu")  # UMT5 at WanPipeline's default 226 tokens
             assert emb.shape == neg.shape == (1, 226, 32)
         assert torch.isfinite(emb).all()
 

@@ -109,7 +109,7 @@ def test_unify_export_per_k(teacher, run_dir, tmp_path, one_thread):
     wrong = (stock(4, file_K=1) - run.sample(4, x_T, cond)).abs().max().item()
     print(f"sd15 unify: K=1 file at K=4: max |pipeline - sample| = {wrong:.2e}")
     assert wrong > 1e-3
-    with pytest.raises(ValueError, match="steps=3") as err:
+    with pytest.raises(ValueError, match="--steps 3") as err:
         load_pipeline(teacher[0], lora=out, steps=3)
     with pytest.raises(ValueError, match="export --format diffusers or full") as err:
         export_run(run_dir, "kohya", tmp_path / "k")

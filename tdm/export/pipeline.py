@@ -267,14 +267,14 @@ def load_pipeline(teacher: str | Path, lora: str | Path | None = None, inference
     if index.is_file() and "unify" in read_json(index):
         served = read_json(index)["unify"]
         if str(steps) not in served:
-            raise ValueError(f"steps={steps}: this any-step export serves K in {sorted(map(int, served))}; pass one "
-                             "(tdm sample --steps K)")
+            raise ValueError(f"--steps {steps}: this any-step export serves K in {sorted(map(int, served))}; pass one "
+                             "(load_pipeline(steps=K))")
         folder = index.parent / served[str(steps)]["folder"]
         return load_pipeline(folder if lora is None else teacher, folder if lora is not None else None, inference,
                              device, dtype, fuse)
 
     if steps is not None:
-        raise ValueError(f"steps={steps}: this export serves the K it was trained for only (its scheduler in "
+        raise ValueError(f"--steps {steps}: this export serves only the K it was trained for (its scheduler in "
                          "tdm_inference.json); leave --steps out")
     lora = Path(lora) if lora else None
     if not (Path(teacher) / "model_index.json").is_file():
