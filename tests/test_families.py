@@ -93,8 +93,8 @@ def test_bf16_holds_frozen_networks_in_bf16_and_trains_in_fp32(family, tmp_path,
                                                                "train.preview_every=1"))
     assert trainer.cfg.train.mixed_precision == "bf16" and torch.isfinite(torch.tensor(hist[0]["loss_student"]))
     held = {n: p for n, p in trainer.family.base.named_parameters() if "lora_" not in n}
-    frozen = {n: p for n, p in held.items() if not kept_in_fp32(trainer.family.base, n, torch.bfloat16)}  # diffusers keeps Wan's
-    # norms and time embedding in fp32
+    # diffusers keeps Wan's norms and time embedding in fp32
+    frozen = {n: p for n, p in held.items() if not kept_in_fp32(trainer.family.base, n, torch.bfloat16)}
     lora = {n: p for n, p in trainer.family.base.named_parameters() if "lora_" in n}
     assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen.values())
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
