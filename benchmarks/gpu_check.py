@@ -48,7 +48,10 @@ TINY = {  # family: (preset, extra overrides, stock pipeline call arguments beyo
     "pixart": ("pixart-512", [], {"use_resolution_binning": False, "height": 64, "width": 64}),
     "sd3": ("sd3", [], {}),
     "cogvideox": ("cogvideox-2b", ["teacher.frames=9"], {"num_frames": 9, "height": 64, "width": 64}),
+    "flux": ("flux-dev", [], {"height": 64, "width": 64}),
+    "wan": ("wan-1.3b", ["teacher.frames=9", "teacher.width=64"], {"num_frames": 9, "height": 64, "width": 64}),
 }
+BUILDERS = {"flux": "make_flux"}  # tiny teachers outside tiny_pipelines.FAMILIES
 BF16_TOLERANCE = 0.05  # relative L2 difference of two bf16 computations of the same 4-step sampler
 BIG = [  # (network, batch, extra overrides)
     ("pixart-xl", 8, ()),
@@ -79,7 +82,8 @@ def tiny_family(family: str, work: Path, device: torch.device) -> dict:
     import tiny_pipelines
 
     preset, extra, call = TINY[family]
-    teacher = tiny_pipelines.FAMILIES[family][0](work / "teacher")
+    build = getattr(tiny_pipelines, BUILDERS[family]) if family in BUILDERS else tiny_pipelines.FAMILIES[family][0]
+    teacher = build(work / "teacher")
     (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     args = [f"teacher.path={teacher}", f"data.prompts={work / 'prompts.txt'}", "teacher.resolution=64",
             "train.batch_size=2", "lora.rank=4", "lora.alpha=8", "train.iterations=2", "train.preview_every=2",
@@ -97,8 +101,8 @@ def tiny_family(family: str, work: Path, device: torch.device) -> dict:
     pipe, kwargs = load_pipeline(teacher, lora=out, device=device, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     res = pipe(**_pipe_inputs(cond, torch.bfloat16), latents=x_T.clone().to(torch.bfloat16), output_type="latent",
-               num_inference_steps=4, **call, **kwargs)
-    x_pipe = (res.frames if family == "cogvideox" else res.images).float()
+               **{"num_inference_steps": 4, **call, **kwargs})  # Wan's kwargs name the steps themselves
+    x_pipe = (res.frames if family in ("cogvideox", "wan") else res.images).float()
     rel = ((x_pipe - x_ours).norm() / x_ours.norm()).item()
     return {"family": family, "losses_finite": all(torch.isfinite(torch.tensor([m["loss_student"], m["loss_fake"]]))
                                                      .all().item() for m in hist),
