@@ -21,7 +21,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)`, flush it to the disk, rename it to `path`: readers see the old file or the new one, never a
     torn one. A failed write (a full disk) leaves no partial file behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # per process: two may write one cache at once
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

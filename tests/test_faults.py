@@ -375,3 +375,24 @@ def test_a_finished_run_says_so_and_evaluates_only_when_asked(tmp_path, capsys, 
     metrics.unlink()  # as if the first command died while evaluating
     assert main(cmd) == 0 and metrics.exists()
     assert main(["eval", str(run), "--n", "50"]) == 0 and json.loads(metrics.read_text())["n_samples"] == 50
+
+
+def _write_many(path: str, n: int) -> None:
+    for i in range(n):
+        files.write_text(path, f"{i}\n" * 1000)
+
+
+def test_two_processes_writing_one_file_at_once(tmp_path):
+    """The prompt cache of a 2-process run is written by both ranks: each atomic write must use its own temporary
+    name, or one process renames the other's half-written file away (FileNotFoundError, then exit 2)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    path = str(tmp_path / "cache.txt")
+    workers = [ctx.Process(target=_write_many, args=(path, 300)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert Path(path).read_text().count("\n") == 1000 and list(tmp_path.iterdir()) == [Path(path)]
