@@ -25,7 +25,8 @@ def _distill(run: Path, args: list[str], processes: int) -> list[dict]:
     cmd = [sys.executable, *launch, "-m", "tdm.cli", "distill", "--preset", "sd15", "--output", str(run), "--no-eval",
            *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    own = [line for line in done.stderr.splitlines() if "tdm distill" in line]  # each rank's one-line error
+    assert done.returncode == 0, "\n".join(own) + "\n" + done.stderr[-3000:]
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
