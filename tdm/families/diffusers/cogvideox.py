@@ -17,7 +17,7 @@ from torch import nn
 
 from ...files import read_json
 from .base import DiffusersFamily, vae_shape
-from .sd3 import text_only_pipeline
+from .sd3 import t5_prompt_embeds
 
 
 def rotary_embedding(config, frames: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,13 +69,7 @@ class CogVideoXFamily(DiffusersFamily):
     @torch.no_grad()
     def encode_prompts(self, path: Path, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
         # CogVideoXPipeline.encode_prompt: T5 last hidden state, padded to 226 tokens, no attention mask.
-        pipe = text_only_pipeline(path, self.pipeline_class, self.dtype).to(self.device)
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            e, _ = pipe.encode_prompt(prompts[i : i + batch_size], do_classifier_free_guidance=False,
-                                      max_sequence_length=self.max_sequence_length, device=self.device)
-            out.append(e.float().cpu())
-        return {"prompt_embeds": torch.cat(out)}
+        return t5_prompt_embeds(self, path, prompts, batch_size)
 
     def _rotary(self, net: nn.Module, x_t: torch.Tensor):
         if not net.config.use_rotary_positional_embeddings:  # 2B: sin-cos positions inside the patch embed

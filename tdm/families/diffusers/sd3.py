@@ -39,6 +39,19 @@ def text_only_pipeline(path: Path, pipeline_class: str, dtype: torch.dtype, skip
     return cls.from_pretrained(path, local_files_only=True, dtype=dtype, **{name: None for name in skip})
 
 
+@torch.no_grad()
+def t5_prompt_embeds(family, path: Path, prompts: list[str], batch_size: int) -> dict[str, torch.Tensor]:
+    """`prompt_embeds` from the pipeline's own `encode_prompt` for pipelines with one T5-like encoder and no mask
+    (CogVideoX, Wan), padded to the family's `max_sequence_length`."""
+    pipe = text_only_pipeline(path, family.pipeline_class, family.dtype).to(family.device)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        e, _ = pipe.encode_prompt(prompts[i : i + batch_size], do_classifier_free_guidance=False,
+                                  max_sequence_length=family.max_sequence_length, device=family.device)
+        out.append(e.float().cpu())
+    return {"prompt_embeds": torch.cat(out)}
+
+
 class SD3Family(DiffusersFamily):
     pipeline_class = "StableDiffusion3Pipeline"
     network_folder = "transformer"

@@ -17,7 +17,7 @@ from torch import nn
 from ...core.schedules import FlowSchedule
 from ...files import read_json
 from .base import DiffusersFamily, scheduler_config, vae_shape
-from .sd3 import text_only_pipeline
+from .sd3 import t5_prompt_embeds
 
 
 class WanFamily(DiffusersFamily):
@@ -61,13 +61,7 @@ class WanFamily(DiffusersFamily):
     @torch.no_grad()
     def encode_prompts(self, path: Path, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
         # WanPipeline.encode_prompt itself (the empty prompt is its default negative prompt, encoded the same way)
-        pipe = text_only_pipeline(path, self.pipeline_class, self.dtype).to(self.device)
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            e, _ = pipe.encode_prompt(prompts[i : i + batch_size], do_classifier_free_guidance=False,
-                                      max_sequence_length=self.max_sequence_length, device=self.device)
-            out.append(e.float().cpu())
-        return {"prompt_embeds": torch.cat(out)}
+        return t5_prompt_embeds(self, path, prompts, batch_size)
 
     def call(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         # t is 1000 * sigma, float32 as the flow-match scheduler's timesteps (never bf16, which rounds 999)
