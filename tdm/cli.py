@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import run
 from .errors import Interrupted, RunError
-from .files import atomic_write, read_json, write_json
+from .files import atomic_write, write_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -258,6 +258,7 @@ def _sample_pipeline(args) -> int:
                                 "line (or JSONL with a `prompt` field)")
     from PIL import Image
 
+    from .families.diffusers.base import vae_factor
     from .families.diffusers.prompts import read_prompts
 
     prompts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
@@ -268,7 +269,7 @@ def _sample_pipeline(args) -> int:
         raise ValueError(f"--out {out}: give an image file name, e.g. sample.png or sample.jpg")
     size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     vae = Path(args.teacher) / "vae" / "config.json"
-    factor = 2 ** (len(read_json(vae)["block_out_channels"]) - 1) if size and vae.is_file() else 1
+    factor = vae_factor(Path(args.teacher))[1] if size and vae.is_file() else 1
     for key, value in size.items():  # stock pipelines round other sizes down, silently
         if value % factor:
             raise ValueError(f"--{key} {value}: this pipeline's images come in multiples of {factor} pixels (its VAE "

@@ -32,14 +32,18 @@ def scheduler_config(path: Path) -> dict:
     return read_json(path / "scheduler" / "scheduler_config.json")
 
 
-def vae_shape(path: Path, resolution: int, key: str = "teacher.resolution") -> tuple[int, int]:
-    """Latent channels and side from the VAE config (one 2x downsampling per block after the first; Wan's VAE: one
-    per `temperal_downsample` entry); `key` names the field `resolution` came from."""
+def vae_factor(path: Path) -> tuple[int, int]:
+    """Latent channels and spatial downsampling from the VAE config (one 2x downsampling per block after the first;
+    Wan's VAE: one per `temperal_downsample` entry)."""
     vae = read_json(path / "vae" / "config.json")
     if "z_dim" in vae:  # AutoencoderKLWan
-        channels, factor = vae["z_dim"], 2 ** len(vae["temperal_downsample"])
-    else:
-        channels, factor = vae["latent_channels"], 2 ** (len(vae["block_out_channels"]) - 1)
+        return vae["z_dim"], 2 ** len(vae["temperal_downsample"])
+    return vae["latent_channels"], 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def vae_shape(path: Path, resolution: int, key: str = "teacher.resolution") -> tuple[int, int]:
+    """Latent channels and side (`vae_factor`); `key` names the field `resolution` came from."""
+    channels, factor = vae_factor(path)
     if resolution % factor:
         raise ValueError(f"{key}={resolution} is not a multiple of the VAE factor {factor}; use e.g. "
                          f"{max(factor, resolution // factor * factor)}")
