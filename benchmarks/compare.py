@@ -80,6 +80,14 @@ def train_curve(preset: str, overrides: list[str], work: Path, pretrained: Path 
     return {"curve": curve, "final": m["student"], "reference": m["reference"]}
 
 
+def toy_fit(preset: str, work: Path, common: list[str] = ()) -> Path | None:
+    """A toy teacher's MLP fit (every student's start), made once for every run of a comparison; None elsewhere."""
+    if resolve(preset).teacher.family != "toy":
+        return None
+    Trainer(resolve(preset, ["train.progress=false", "train.iterations=0", *common]), work / "pre").release()
+    return work / "pre" / "pretrained.safetensors"
+
+
 def teacher_rows(preset: str, common: list[str], work: Path, pretrained: Path | None, steps: tuple[int, ...]) -> dict:
     """The teacher's samplers on the same noise as every student (and the floor: a second draw of the data)."""
     run = work / "teacher"
@@ -156,10 +164,7 @@ def compare(preset: str, methods: list[str], Ks: list[int], seeds: list[int], it
     called after every job (a long comparison stopped midway keeps what it measured); `costs`: measure each
     method's seconds per iteration interleaved (`iteration_costs`) for the equal-wall-time table."""
     metric = METRIC[preset]
-    pretrained = None
-    if resolve(preset).teacher.family == "toy":  # the toy teacher's fit (the students' start) once for every run
-        Trainer(resolve(preset, ["train.progress=false", "train.iterations=0", *common]), work / "pre").release()
-        pretrained = work / "pre" / "pretrained.safetensors"
+    pretrained = toy_fit(preset, work, common)
     out = {"preset": preset, "metric": metric, "iterations": iterations, "seeds": seeds,
            **teacher_rows(preset, common, work, pretrained, teacher_steps), "runs": {}}
     jobs = [(f"{m} K={K}", [*common, f"method={m}", f"student.steps={K}", *METHOD_OVERRIDES.get(m, [])])
@@ -277,11 +282,7 @@ def add_costs(path: Path, work: Path) -> dict:
     res = json.loads(path.read_text())
     preset = res["preset"]
     jobs = {label: r["overrides"] for label, r in res["runs"].items() if label.endswith(" K=4") and "," not in label}
-    pretrained = None
-    if resolve(preset).teacher.family == "toy":
-        Trainer(resolve(preset, ["train.progress=false", "train.iterations=0"]), work / "pre").release()
-        pretrained = work / "pre" / "pretrained.safetensors"
-    res["iteration_s"] = iteration_costs(preset, jobs, work, pretrained)
+    res["iteration_s"] = iteration_costs(preset, jobs, work, toy_fit(preset, work))
     path.write_text(json.dumps(res, indent=2) + "\n")
     table = report(res, [label.split()[0] for label in jobs])
     path.with_suffix(".md").write_text(table + "\n")

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 from tdm.config import resolve
-from tdm.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare import teacher_rows, train_curve  # noqa: E402
+from compare import teacher_rows, toy_fit, train_curve  # noqa: E402
 
 PRESET, METRIC = "toy-gmm", "energy_distance"
 ROWS = {
@@ -53,8 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="tdm-target-"))
     out_path = Path(args.out)
     try:
-        Trainer(resolve(PRESET, ["train.progress=false", "train.iterations=0"]), work / "pre").release()
-        pretrained = work / "pre" / "pretrained.safetensors"
+        pretrained = toy_fit(PRESET, work)
         ref = teacher_rows(PRESET, [], work, pretrained, (50,))
         floor = ref["teacher_law"][METRIC]
         kept = json.loads(out_path.read_text())["rows"] if args.only and out_path.exists() else {}  # --only: add rows
